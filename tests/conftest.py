@@ -1,0 +1,131 @@
+"""Shared test helpers: tiny random Hugging Face checkpoints written by transformers itself, and the real
+Qwen2.5 tokenizer from tests/fixtures (decompressed once per session)."""
+
+from __future__ import annotations
+
+import lzma
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QWEN_FIXTURE = FIXTURES / "qwen2.5-0.5b-instruct"
+TEMPLATES = FIXTURES / "chat-templates"
+
+# Tiny configs, one per supported family and head layout, with sizes that are not powers of two.
+FAMILIES = {
+    # Qwen2/2.5: QKV bias, GQA 6:2, tied head (as Qwen2.5-0.5B).
+    "qwen2_tied": (
+        "Qwen2",
+        dict(
+            vocab_size=131,
+            hidden_size=60,
+            intermediate_size=84,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    # Qwen2 untied, GQA 5:1, hd 8.
+    "qwen2_untied": (
+        "Qwen2",
+        dict(
+            vocab_size=101,
+            hidden_size=40,
+            intermediate_size=72,
+            num_hidden_layers=3,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen3: q/k RMSNorm, explicit head_dim (12, not hidden/heads = 8), no bias, tied.
+    "qwen3": (
+        "Qwen3",
+        dict(
+            vocab_size=127,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            head_dim=12,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # Llama 3.1-style: no bias, 7 heads (MHA), untied, llama3 RoPE scaling.
+    "llama": (
+        "Llama",
+        dict(
+            vocab_size=113,
+            hidden_size=56,
+            intermediate_size=90,
+            num_hidden_layers=2,
+            num_attention_heads=7,
+            num_key_value_heads=7,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    # Mistral: a sliding window shorter than the test sequences.
+    "mistral": (
+        "Mistral",
+        dict(
+            vocab_size=109,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=16,
+        ),
+    ),
+}
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model of `family` with every parameter random (biases and norm weights included, so
+    that a parity test cannot pass by zeros or ones)."""
+    import transformers
+
+    prefix, kw = FAMILIES[family]
+    cfg = getattr(transformers, f"{prefix}Config")(**{**kw, "max_position_embeddings": 512, **overrides})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def write_checkpoint(path: Path, family: str, dtype=torch.float32, seed: int = 0, **save_kwargs):
+    """Save a random transformers model of `family` to `path`; returns the fp32 model."""
+    model = hf_model(family, seed)
+    model.to(dtype).save_pretrained(path, **save_kwargs)
+    return model.float()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """Qwen2.5-0.5B-Instruct's tokenizer folder (no weights)."""
+    d = tmp_path_factory.mktemp("qwen2.5-tokenizer")
+    for f in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        shutil.copy(QWEN_FIXTURE / f, d / f)
+    (d / "tokenizer.json").write_bytes(lzma.decompress((QWEN_FIXTURE / "tokenizer.json.xz").read_bytes()))
+    return d
