@@ -1,0 +1,323 @@
+"""Tokenizer and chat template: `tokenizers` for the BPE, Jinja for the template, as transformers does.
+
+The template is rendered in a sandboxed Jinja environment set up like transformers' (trim_blocks,
+lstrip_blocks, loop controls, a `tojson` that does not escape HTML, `raise_exception`, `strftime_now`),
+with the named special tokens (`bos_token`, `eos_token`, ...) in scope, and the text is encoded without
+adding special tokens: the template writes them itself. That is exactly `apply_chat_template`.
+
+Where the responses are: for each assistant message i, the conversation up to i rendered with the
+generation prompt is a prefix of the whole rendering; the response runs from the end of that prefix to
+the end of the first turn-end token (`<|im_end|>`, `<|eot_id|>`, ...) after the message's content. It
+includes whatever the template puts between the generation prompt and the content (Qwen3's empty
+`<think></think>` block), because the model must learn to produce it, and stops before the newline that
+the template writes after the end token, because the model never produces that. Tokens whose characters
+overlap the response are the trained tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from fasttune.errors import TokenizerError
+
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# Tokens that end an assistant turn in the templates of the supported families (and end-of-document tokens
+# that generation must also stop on). Only those that the vocabulary has are used.
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "</s>")
+DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
+
+@dataclass
+class ChatEncoding:
+    """A tokenized conversation. `mask[t]` is True where token t is part of an assistant response (the
+    tokens to train on); `response_spans` are the [start, end) token ranges of the responses."""
+
+    ids: list[int]
+    mask: list[bool]
+    response_spans: list[tuple[int, int]]
+    text: str
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (used by some templates to mark responses): rendered as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def compile_template(template: str, source: str = "chat template") -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(
+            f"{source}: chat template syntax error at line {e.lineno}: {e.message}"
+        ) from None
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, an AddedToken dict, or null."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the fields of `tokenizer_config.json` that matter for training."""
+
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        config: dict | None = None,
+        chat_template: str | None = None,
+        source: str = "<memory>",
+    ):
+        self.tk = tokenizer
+        self.config = dict(config or {})
+        self.source = source
+        if chat_template is None:
+            chat_template = self.config.get("chat_template")
+        if isinstance(chat_template, list):  # [{"name": ..., "template": ...}, ...]: the default one
+            named = {t.get("name"): t.get("template") for t in chat_template}
+            chat_template = named.get("default")
+        self.chat_template = chat_template
+        self._template = compile_template(chat_template, source) if chat_template else None
+        self.special_tokens = {
+            k: _token_text(self.config.get(k))
+            for k in SPECIAL_TOKEN_KEYS
+            if _token_text(self.config.get(k)) is not None
+        }
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike) -> Tokenizer:
+        folder = Path(path)
+        tj = folder / "tokenizer.json"
+        if not tj.exists():
+            raise TokenizerError(f"{folder}: no tokenizer.json (fasttune reads tokenizers' JSON format)")
+        try:
+            tk = HFTokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise TokenizerError(f"{tj}: cannot be read by tokenizers: {e}") from None
+        config = {}
+        cfg_file = folder / "tokenizer_config.json"
+        if cfg_file.exists():
+            try:
+                config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        stm = folder / "special_tokens_map.json"
+        if stm.exists():  # older folders keep the special tokens here; tokenizer_config.json wins
+            for k, v in json.loads(stm.read_text(encoding="utf-8")).items():
+                config.setdefault(k, v)
+        # transformers 5 writes the template to its own file, which takes precedence, as it does there.
+        jinja_file = folder / "chat_template.jinja"
+        template = jinja_file.read_text(encoding="utf-8") if jinja_file.exists() else None
+        return cls(tk, config, template, source=str(folder))
+
+    # -- vocabulary ------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tk.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("eos_token"))
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("bos_token"))
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("pad_token"))
+
+    @property
+    def stop_tokens(self) -> list[str]:
+        """Tokens that end generation: the template's turn-end tokens, eos, then end-of-document tokens."""
+        template = self.chat_template or ""
+        found = [t for t in TURN_END_TOKENS if t in template]
+        eos = self.special_tokens.get("eos_token")
+        out = []
+        for t in found + ([eos] if eos else []) + list(DOCUMENT_END_TOKENS):
+            if t not in out and self.tk.token_to_id(t) is not None:
+                out.append(t)
+        return out
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.tk.token_to_id(t) for t in self.stop_tokens]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- chat template ---------------------------------------------------------------------------------
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The conversation as text, exactly as transformers' `apply_chat_template(tokenize=False)`."""
+        if self._template is None:
+            raise TokenizerError(
+                f"{self.source}: the tokenizer has no chat template "
+                "(tokenizer_config.json 'chat_template' or chat_template.jinja)"
+            )
+        _check_messages(messages)
+        tools = kwargs.pop("tools", None)
+        context = {**self.special_tokens, **kwargs}  # like transformers: kwargs override special tokens
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                documents=None,
+                **context,
+            )
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"{self.source}: chat template failed: {e}") from None
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, **kwargs
+    ):
+        text = self.render(messages, add_generation_prompt, **kwargs)
+        return self.encode(text) if tokenize else text
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, **kwargs
+    ) -> ChatEncoding:
+        """Token ids of the rendered conversation and which of them are assistant responses."""
+        text = self.render(messages, add_generation_prompt, **kwargs)
+        enc = self.tk.encode(text, add_special_tokens=False)
+        stops = self.stop_tokens
+        char_spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            if i == 0:
+                raise TokenizerError("message 0: a conversation cannot start with an assistant message")
+            prefix = self.render(messages[:i], add_generation_prompt=True, **kwargs)
+            if not text.startswith(prefix):
+                raise TokenizerError(
+                    f"{self.source}: the chat template renders messages 0..{i - 1} differently "
+                    f"when message {i} follows, so the response boundary is not defined"
+                )
+            start = len(prefix)
+            content = m["content"]
+            at = text.find(content, start) if content else start
+            if at < 0 and content.strip():  # templates that trim the content (Llama 3)
+                content = content.strip()
+                at = text.find(content, start)
+            end = _first_of(text, stops, at + len(content))
+            if at < 0 or end is None or _first_of(text[:at], stops, start) is not None:
+                raise TokenizerError(
+                    f"{self.source}: cannot find message {i}'s content followed by an end token "
+                    f"({', '.join(stops) or 'none known'}) in the rendered template"
+                )
+            char_spans.append((start, end))
+        mask = [any(s < ce and e > cs for cs, ce in char_spans) for s, e in enc.offsets]
+        spans, t = [], 0
+        while t < len(mask):
+            if mask[t]:
+                u = t
+                while u < len(mask) and mask[u]:
+                    u += 1
+                spans.append((t, u))
+                t = u
+            t += 1
+        return ChatEncoding(ids=enc.ids, mask=mask, response_spans=spans, text=text)
+
+    # -- saving ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json, tokenizer_config.json (template included) and chat_template.jinja."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(folder / "tokenizer.json"))
+        config = dict(self.config)
+        if self.chat_template:
+            # Both places, identical: transformers 5 prefers the .jinja file, older readers the JSON field.
+            config["chat_template"] = self.chat_template
+            (folder / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+
+def format_mask(tokenizer: Tokenizer, enc: ChatEncoding) -> str:
+    """The rendered conversation with each trained span wrapped in [[...]]: what the loss sees."""
+    parts, prev = [], 0
+    for s, e in enc.response_spans:
+        parts.append(tokenizer.decode(enc.ids[prev:s]))
+        parts.append("[[" + tokenizer.decode(enc.ids[s:e]) + "]]")
+        prev = e
+    parts.append(tokenizer.decode(enc.ids[prev:]))
+    return "".join(parts)
+
+
+def _first_of(text: str, needles: list[str], start: int) -> int | None:
+    """End index of the earliest occurrence of any needle at or after `start`, or None."""
+    best = None
+    for n in needles:
+        i = text.find(n, start)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, i + len(n))
+    return None if best is None else best[1]
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise TokenizerError("messages must be a non-empty list of {'role', 'content'} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise TokenizerError(
+                f"message {i}: expected an object with 'role' and 'content', got {type(m).__name__}"
+            )
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise TokenizerError(f"message {i}: '{key}' must be a string, got {m.get(key)!r}")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load `tokenizer.json` (+ `tokenizer_config.json`, chat template) from a model folder."""
+    return Tokenizer.from_folder(path)
