@@ -1,0 +1,5 @@
+import sys
+
+from fasttune.cli import main
+
+sys.exit(main())

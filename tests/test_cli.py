@@ -1,0 +1,34 @@
+"""The `fasttune` command: `info` on the environment and on a model folder, and its error exit."""
+
+import lzma
+import shutil
+
+from conftest import QWEN_FIXTURE, write_checkpoint
+from fasttune.cli import main
+
+
+def test_info_reports_the_environment(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "attention on cpu/float32: SDPA per sequence" in out
+
+
+def test_info_checks_a_model_folder_and_shows_the_trained_tokens(tmp_path, capsys):
+    write_checkpoint(tmp_path, "qwen2_tied")
+    (tmp_path / "tokenizer.json").write_bytes(
+        lzma.decompress((QWEN_FIXTURE / "tokenizer.json.xz").read_bytes())
+    )
+    shutil.copy(QWEN_FIXTURE / "tokenizer_config.json", tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2, 0.1M parameters, stored as F32 in 1 file(s)" in out
+    assert "heads 6 q / 2 kv x hd 10, tied head" in out
+    assert "[[A patient heart sees colors in the dark that hurried eyes miss.<|im_end|>]]" in out
+    assert "warning: the tokenizer has 151665 tokens but the model's vocabulary is 131" in out
+
+
+def test_info_on_a_bad_folder_exits_2_with_the_reason(tmp_path, capsys):
+    write_checkpoint(tmp_path, "llama")
+    (tmp_path / "model.safetensors").unlink()
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no model.safetensors or model.safetensors.index.json" in capsys.readouterr().err
