@@ -139,3 +139,23 @@ def test_config_parsing_follows_transformers_defaults():
     )
     assert ll.rope_theta == 5e5 and ll.rope_scaling is None and not ll.tie_word_embeddings
     assert ModelConfig.from_hf({"model_type": "llama", **base, "attention_bias": True}).o_bias
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    cfg = ModelConfig.from_hf(
+        dict(
+            model_type="qwen2",
+            vocab_size=10,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            rope_theta=1e6,
+        )
+    )
+    fp32 = fasttune.CausalLM(cfg).model.inv_freq
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        model = cast(fasttune.CausalLM(cfg))
+        assert model.model.embed_tokens.weight.dtype != torch.float32
+        assert model.model.inv_freq.dtype == torch.float32
+        assert torch.equal(model.model.inv_freq, fp32)

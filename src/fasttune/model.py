@@ -269,7 +269,15 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # fp32 and never saved; made on the CPU even under a meta-device context so it is real at once.
+        self.rope_config = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) casts every floating buffer, but bf16 keeps 8 mantissa bits: at position 4096 the
+        # angles would be off by up to 3.9 rad. Recompute the fp32 frequencies wherever the buffer went.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.rope_config).to(self.inv_freq.device)
+        return self
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
         x = self.embed_tokens(input_ids)
