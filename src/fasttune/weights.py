@@ -7,7 +7,8 @@ freshly allocated parameters of the target dtype and device. Each block's pages 
 map after its copy, so host memory peaks near the size of the weights themselves (plus one block), not
 twice it. Measured on Qwen2.5-0.5B's shapes (bf16 file, CPU, peak RSS above the baseline): loading as bf16
 peaks at 1.17x the weights this way and at 2.16x when each tensor is copied whole with its pages left
-mapped; loading as fp32, 1.09x against 1.58x. Nothing is unpickled: `.bin`/`.pt` checkpoints are refused with a message.
+mapped; loading as fp32, 1.09x against 1.58x. Nothing is unpickled: `.bin`/`.pt` checkpoints are refused
+with a message.
 
 Saving writes `config.json`, `model.safetensors` (or shards + `model.safetensors.index.json`) with
 `{"format": "pt"}` metadata and `generation_config.json`, into a temporary folder first; files are then
