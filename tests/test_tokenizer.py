@@ -232,3 +232,23 @@ def test_template_errors_are_reported(qwen_tokenizer_dir, tmp_path):
         fasttune.load_tokenizer(tmp_path).render([{"role": "user", "content": "hi"}])
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         fasttune.load_tokenizer(tmp_path / "nowhere")
+
+
+def test_response_boundary_errors(qwen_tokenizer_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((qwen_tokenizer_dir / "tokenizer.json").read_bytes())
+    chat = CONVERSATIONS["no system"]
+
+    def with_template(template):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+        return fasttune.load_tokenizer(tmp_path)
+
+    # Renders the conversation newest first: the prompt is not a prefix of the whole.
+    reverse = "{% for m in messages | reverse %}{{ m.content }}<|im_end|>{% endfor %}"
+    with pytest.raises(TokenizerError, match="renders messages 0..0 differently when message 1 follows"):
+        with_template(reverse).encode_chat(chat)
+    # Writes no end token after a response: there is nothing for the model to learn to stop on.
+    no_end = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    with pytest.raises(TokenizerError, match="cannot find message 1's content followed by an end token"):
+        with_template(no_end).encode_chat(chat)
+    with pytest.raises(TokenizerError, match="cannot start with an assistant message"):
+        with_template(no_end).encode_chat(chat[1:])
