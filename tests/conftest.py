@@ -3,12 +3,13 @@ Qwen2.5 tokenizer from tests/fixtures (decompressed once per session)."""
 
 from __future__ import annotations
 
-import lzma
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from fasttune.tokenizer import write_builtin_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QWEN_FIXTURE = FIXTURES / "qwen2.5-0.5b-instruct"
@@ -125,7 +126,7 @@ def write_checkpoint(path: Path, family: str, dtype=torch.float32, seed: int = 0
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
     """Qwen2.5-0.5B-Instruct's tokenizer folder (no weights)."""
     d = tmp_path_factory.mktemp("qwen2.5-tokenizer")
-    for f in ("config.json", "generation_config.json", "tokenizer_config.json"):
+    for f in ("config.json", "generation_config.json"):
         shutil.copy(QWEN_FIXTURE / f, d / f)
-    (d / "tokenizer.json").write_bytes(lzma.decompress((QWEN_FIXTURE / "tokenizer.json.xz").read_bytes()))
+    write_builtin_tokenizer(d)  # the same tokenizer, bundled with the package (src/fasttune/assets)
     return d

@@ -1,10 +1,8 @@
 """The `fasttune` command: `info` on the environment and on a model folder, and its error exit."""
 
-import lzma
-import shutil
-
-from conftest import QWEN_FIXTURE, write_checkpoint
+from conftest import write_checkpoint
 from fasttune.cli import main
+from fasttune.tokenizer import write_builtin_tokenizer
 
 
 def test_info_reports_the_environment(capsys):
@@ -15,10 +13,7 @@ def test_info_reports_the_environment(capsys):
 
 def test_info_checks_a_model_folder_and_shows_the_trained_tokens(tmp_path, capsys):
     write_checkpoint(tmp_path, "qwen2_tied")
-    (tmp_path / "tokenizer.json").write_bytes(
-        lzma.decompress((QWEN_FIXTURE / "tokenizer.json.xz").read_bytes())
-    )
-    shutil.copy(QWEN_FIXTURE / "tokenizer_config.json", tmp_path)
+    write_builtin_tokenizer(tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "qwen2, 0.1M parameters, stored as F32 in 1 file(s)" in out

@@ -17,9 +17,11 @@ overlap the response are the trained tokens.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import jinja2
@@ -172,7 +174,7 @@ class Tokenizer:
     def pad_token_id(self) -> int | None:
         return self.token_to_id(self.special_tokens.get("pad_token"))
 
-    @property
+    @cached_property
     def stop_tokens(self) -> list[str]:
         """Tokens that end generation: the template's turn-end tokens, eos, then end-of-document tokens."""
         template = self.chat_template or ""
@@ -227,8 +229,27 @@ class Tokenizer:
         self, messages: list[dict], add_generation_prompt: bool = False, **kwargs
     ) -> ChatEncoding:
         """Token ids of the rendered conversation and which of them are assistant responses."""
-        text = self.render(messages, add_generation_prompt, **kwargs)
-        enc = self.tk.encode(text, add_special_tokens=False)
+        return self.encode_chats([messages], add_generation_prompt, **kwargs)[0]
+
+    def encode_chats(
+        self, conversations: list[list[dict]], add_generation_prompt: bool = False, **kwargs
+    ) -> list[ChatEncoding]:
+        """`encode_chat` for many conversations: the templates render in Python, then one `encode_batch`
+        call tokenizes them all (in parallel, in Rust)."""
+        texts, char_spans = [], []
+        for messages in conversations:
+            text = self.render(messages, add_generation_prompt, **kwargs)
+            texts.append(text)
+            char_spans.append(self._response_char_spans(messages, text, **kwargs))
+        out = []
+        for text, spans, enc in zip(
+            texts, char_spans, self.tk.encode_batch(texts, add_special_tokens=False), strict=True
+        ):
+            mask = [any(s < ce and e > cs for cs, ce in spans) for s, e in enc.offsets]
+            out.append(ChatEncoding(ids=enc.ids, mask=mask, response_spans=_runs(mask), text=text))
+        return out
+
+    def _response_char_spans(self, messages: list[dict], text: str, **kwargs) -> list[tuple[int, int]]:
         stops = self.stop_tokens
         char_spans = []
         for i, m in enumerate(messages):
@@ -255,17 +276,7 @@ class Tokenizer:
                     f"({', '.join(stops) or 'none known'}) in the rendered template"
                 )
             char_spans.append((start, end))
-        mask = [any(s < ce and e > cs for cs, ce in char_spans) for s, e in enc.offsets]
-        spans, t = [], 0
-        while t < len(mask):
-            if mask[t]:
-                u = t
-                while u < len(mask) and mask[u]:
-                    u += 1
-                spans.append((t, u))
-                t = u
-            t += 1
-        return ChatEncoding(ids=enc.ids, mask=mask, response_spans=spans, text=text)
+        return char_spans
 
     # -- saving ----------------------------------------------------------------------------------------
 
@@ -295,6 +306,20 @@ def format_mask(tokenizer: Tokenizer, enc: ChatEncoding) -> str:
     return "".join(parts)
 
 
+def _runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) ranges of the True runs."""
+    runs, t = [], 0
+    while t < len(mask):
+        if mask[t]:
+            u = t
+            while u < len(mask) and mask[u]:
+                u += 1
+            runs.append((t, u))
+            t = u
+        t += 1
+    return runs
+
+
 def _first_of(text: str, needles: list[str], start: int) -> int | None:
     """End index of the earliest occurrence of any needle at or after `start`, or None."""
     best = None
@@ -321,3 +346,22 @@ def _check_messages(messages) -> None:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load `tokenizer.json` (+ `tokenizer_config.json`, chat template) from a model folder."""
     return Tokenizer.from_folder(path)
+
+
+BUILTIN_DIR = Path(__file__).parent / "assets" / "qwen2.5"
+
+
+def builtin_tokenizer() -> Tokenizer:
+    """Qwen2.5-Instruct's tokenizer and chat template, bundled with fasttune (assets/README.md)."""
+    tk = HFTokenizer.from_str(lzma.decompress((BUILTIN_DIR / "tokenizer.json.xz").read_bytes()).decode())
+    config = json.loads((BUILTIN_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return Tokenizer(tk, config, source="builtin Qwen2.5 tokenizer")
+
+
+def write_builtin_tokenizer(folder: str | os.PathLike) -> Path:
+    """Write the bundled tokenizer into `folder` as tokenizer.json and tokenizer_config.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(lzma.decompress((BUILTIN_DIR / "tokenizer.json.xz").read_bytes()))
+    (folder / "tokenizer_config.json").write_bytes((BUILTIN_DIR / "tokenizer_config.json").read_bytes())
+    return folder
