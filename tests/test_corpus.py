@@ -152,6 +152,32 @@ def test_data_commands(tmp_path, capsys):
     assert "packing at 2048 tokens per micro-batch" in out and (tmp_path / "out" / "prepare.json").exists()
     opts = json.loads((tmp_path / "out" / "prepare.json").read_text())["options"]["tokenize"]
     assert opts["system_prompt"] == "none"
+    rows = [{"instruction": f"Name {i}.", "output": f"Thing number {i}."} for i in range(40)]
+    write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(tmp_path / "c.jsonl"),
+                str(tmp_path / "alpaca.jsonl"),
+                "--weights",
+                "1",
+                "3",
+                "--out",
+                str(tmp_path / "mixed"),
+                "--budget",
+                "2048",
+            ]
+        )
+        == 0
+    )
+    data = TokenizedData.load(tmp_path / "mixed" / "tokenized" / "train")
+    assert sorted(set(data.weight.tolist())) == [1.0, 3.0]
+    assert main(["data", "inspect", str(tmp_path / "alpaca.jsonl"), "--format", "io"]) == 2
+    assert "missing field 'input'" in capsys.readouterr().err
+    assert main(["data", "inspect", str(tmp_path / "c.jsonl"), "--weights", "1", "2"]) == 2
+    assert "--weights has 2 value(s) for 1 file(s)" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"input": "x", "output": ""}\n')
     assert main(["data", "inspect", str(tmp_path / "bad.jsonl")]) == 2
     assert f"{tmp_path / 'bad.jsonl'}:1: empty output" in capsys.readouterr().err

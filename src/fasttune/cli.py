@@ -14,7 +14,7 @@ import torch
 import fasttune
 from fasttune import corpus, synth
 from fasttune.attention import _flash_unavailable_reason
-from fasttune.data import write_jsonl
+from fasttune.data import FORMATS, DataError, Source, write_jsonl
 from fasttune.errors import FasttuneError
 from fasttune.packing import TOO_LONG, TokenizeOptions
 
@@ -105,10 +105,14 @@ def data_command(args) -> None:
         print(f"wrote {len(records)} examples to {args.out}")
         return
     tok = _tokenizer(args.tokenizer)
+    weights = args.weights or [1.0] * len(args.files)
+    if len(weights) != len(args.files):
+        raise DataError(f"--weights has {len(weights)} value(s) for {len(args.files)} file(s)")
+    sources = [Source(str(f), args.format, w) for f, w in zip(args.files, weights, strict=True)]
     if args.data_command == "inspect":
         opts = _tokenize_options(args)
         opts.too_long, opts.max_seq_len = "truncate", 1 << 30  # inspect measures, it does not cut
-        print(corpus.inspect([str(f) for f in args.files], tok, opts))
+        print(corpus.inspect(sources, tok, opts))
         return
     opts = corpus.PrepareOptions(
         ratios=tuple(args.split),
@@ -118,7 +122,7 @@ def data_command(args) -> None:
         budget=args.budget,
         tokenize=_tokenize_options(args),
     )
-    r = corpus.prepare([str(f) for f in args.files], args.out, tok, opts)
+    r = corpus.prepare(sources, args.out, tok, opts)
     d, p = r["dedup"], r["packing"]
     print(
         f"read {r['examples_read']} examples from {len(r['files'])} file(s); rejected {r['rejected_lines']} "
@@ -158,6 +162,14 @@ def _add_data_parser(sub) -> None:
     ):
         p = dsub.add_parser(name, help=help_text)
         p.add_argument("files", nargs="+", type=Path)
+        p.add_argument("--format", choices=FORMATS, help="the files' format (default: detected per file)")
+        p.add_argument(
+            "--weights",
+            type=float,
+            nargs="+",
+            metavar="W",
+            help="one per file: its training examples are seen W times per epoch (default 1)",
+        )
         p.add_argument(
             "--tokenizer", type=Path, help="a model folder (default: the bundled Qwen2.5 tokenizer)"
         )
