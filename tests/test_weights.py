@@ -72,7 +72,7 @@ def test_dtype_follows_config_unless_given(tmp_path):
     model = fasttune.load_model(tmp_path, dtype="fp32")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
     stored = load_file(tmp_path / "model.safetensors")
     torch.testing.assert_close(model.model.embed_tokens.weight, stored["model.embed_tokens.weight"].float())
     with pytest.raises(ValueError, match="unknown dtype"):

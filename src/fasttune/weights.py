@@ -259,8 +259,8 @@ def load_model(
     """Load a Hugging Face checkpoint folder into a `CausalLM` on `device`.
 
     dtype: the parameters' dtype; None takes the config's `dtype`/`torch_dtype`, else float32.
-    Raises ConfigError or CheckpointError naming the file and keys at fault, before any weight is read;
-    never returns a partly loaded model.
+    The model comes back in eval mode, as transformers returns it. Raises ConfigError or CheckpointError
+    naming the file and keys at fault, before any weight is read; never returns a partly loaded model.
     """
     plan = check_checkpoint(path)
     folder, cfg, model = plan.folder, plan.config, plan.meta_model
@@ -284,6 +284,7 @@ def load_model(
     model.model.inv_freq = model.model.inv_freq.to(device)
     model.source_path = str(folder)
     model.generation_config = _read_generation_config(folder)
+    model.eval()  # as transformers' from_pretrained: dropout (LoRA's) is off until a loop calls train()
     log.info(
         "loaded %s (%s, %.1fM parameters) as %s on %s",
         folder,
