@@ -14,7 +14,7 @@ import torch
 import fasttune
 from fasttune import corpus, synth
 from fasttune.attention import _flash_unavailable_reason
-from fasttune.data import FORMATS, DataError, Source, write_jsonl
+from fasttune.data import FORMATS, DataError, Source, read_sources, write_jsonl
 from fasttune.errors import FasttuneError
 from fasttune.packing import TOO_LONG, TokenizeOptions
 
@@ -196,6 +196,88 @@ def _add_data_parser(sub) -> None:
             p.add_argument("--budget", type=int, default=16384, help="tokens per packed micro-batch")
 
 
+def run_command(args) -> int:
+    from fasttune import config as config_mod
+    from fasttune import train
+
+    if args.config is not None and "=" in str(args.config):  # `fasttune run key=value ...` with no file
+        args.overrides.insert(0, str(args.config))
+        args.config = None
+    cfg = config_mod.load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    result = train.run(cfg, resume=args.resume)
+    if result.stopped == "signal":
+        return 0
+    if result.val_loss is not None:
+        print(
+            f"done: {result.step} steps, validation loss {result.val_loss:.4f}; "
+            f"outputs in {result.output_dir}"
+        )
+    return 0
+
+
+def dry_run(cfg) -> None:
+    """The model on the meta device, a few tokenized examples, parameter counts and a memory estimate."""
+    from fasttune import builtin
+    from fasttune.data import Example
+    from fasttune.model import CausalLM, ModelConfig
+    from fasttune.packing import TokenizeOptions, tokenize, with_system_prompt
+    from fasttune.tokenizer import format_mask
+    from fasttune.weights import read_config
+
+    records = synth.generate(64, cfg.seed) if not cfg.data.files else None
+    if records is not None:
+        examples = [
+            Example([{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}])
+            for r in records
+        ]
+    else:
+        examples, _ = read_sources([Source(cfg.data.files[0], cfg.data.format)])
+        examples = examples[:64]
+    if cfg.model is not None:
+        tok, mcfg = fasttune.load_tokenizer(cfg.model), read_config(cfg.model)
+    else:
+        tok = builtin.train_tokenizer([m["content"] for e in examples for m in e.messages], vocab_size=512)
+        mcfg = ModelConfig.from_hf(builtin.tiny_config(tok), "built-in tiny Qwen2")
+    opts = TokenizeOptions(cfg.data.max_seq_len, "truncate", cfg.data.system_prompt, cfg.data.train_on_input)
+    data, _ = tokenize(examples, tok, opts)
+    enc = tok.encode_chat(with_system_prompt(examples[0].messages, cfg.data.system_prompt, tok))
+    print(f"example ({len(enc.ids)} tokens, trained tokens in [[...]]):")
+    print("  " + format_mask(tok, enc).replace("\n", "\n  "))
+    print(
+        f"tokens per example over {len(data)} examples: mean {data.lengths.mean():.1f}, "
+        f"max {data.lengths.max()}"
+    )
+    with torch.device("meta"):
+        model = CausalLM(mcfg)
+    total = model.num_parameters()
+    trainable = total
+    if cfg.method == "lora":
+        from fasttune.lora import LoraConfig, apply_lora, count_parameters
+
+        apply_lora(model, LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets)))
+        trainable, total = count_parameters(model)
+    print(
+        f"model: {mcfg.model_type}, {total / 1e6:.1f}M parameters, "
+        f"{trainable / 1e6:.2f}M trainable ({cfg.method})"
+    )
+    # bytes per parameter: weights (fp32 master or bf16), gradients of the trainable ones, AdamW's two states
+    weight_bytes = 4 if cfg.precision in ("fp32", "bf16") and cfg.method == "full" else 2
+    weights = total * (4 if cfg.precision == "fp32" else weight_bytes)
+    grads = trainable * (2 if cfg.precision == "bf16-pure" else 4)
+    adam = trainable * (4 if cfg.precision == "bf16-pure" else 8)
+    print(
+        f"memory estimate: weights {weights / 2**30:.2f} GiB, gradients {grads / 2**30:.2f} GiB, "
+        f"AdamW states {adam / 2**30:.2f} GiB, "
+        f"total before activations {(weights + grads + adam) / 2**30:.2f} GiB"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune", description="Fast fine-tuning of Qwen-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what fasttune decides")
@@ -203,13 +285,26 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="the environment, or a model folder checked without loading it")
     info.add_argument("model", nargs="?", type=Path, help="a Hugging Face model folder")
     _add_data_parser(sub)
+    run = sub.add_parser("run", help="train: the built-in default with no config, else a YAML recipe")
+    run.add_argument("config", nargs="?", help="a YAML config (default: the built-in tiny run)")
+    run.add_argument("overrides", nargs="*", help="key=value or ~key (reset to the default)")
+    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tokenize a few examples, count parameters, estimate memory, and exit",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    verbose = args.verbose or args.command == "run"  # a run says what it chose (backends, kernels, AdamW)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "info":
             info_environment() if args.model is None else info_checkpoint(args.model)
         elif args.command == "data":
             data_command(args)
+        elif args.command == "run":
+            return run_command(args)
     except FasttuneError as e:
         print(f"fasttune: error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttune.attention import attention
+from fasttune.attention import attention, attention_backend
 from fasttune.errors import ConfigError
 
 # model_type -> what differs between the families. Everything else is shared.
@@ -281,6 +281,7 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
         x = self.embed_tokens(input_ids)
+        attention_backend(x.device, x.dtype)  # choose (and log) it here, outside any compiled block
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cu_seqlens)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)

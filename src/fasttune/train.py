@@ -1,0 +1,426 @@
+"""The hand-written training loop behind `fasttune run`.
+
+One optimizer step = `accumulate` packed micro-batches. The loss of a step is the sum of the cross-entropy
+over all its target tokens divided by their number: each micro-batch's mean loss is weighted by its share
+of the step's targets before backward, so micro-batches of unequal size count per token, not per batch
+(the count is known on the host from packing: no device sync to get it). The gradient norm is logged
+before clipping. Before the optimizer step, the loss and the gradient norm are checked: a non-finite value
+stops the run with the last good checkpoint untouched (or skips the step, up to `nonfinite_skips` times).
+
+SIGTERM and SIGINT set a flag; the current step finishes, a checkpoint is written and the run returns
+with `stopped="signal"`. Resuming restores model, optimizer, scheduler, sampler position and RNG states,
+so the resumed run's losses are those the uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fasttune import builtin, corpus, synth
+from fasttune.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from fasttune.config import RunConfig
+from fasttune.data import Source, write_jsonl
+from fasttune.errors import FasttuneError
+from fasttune.generate import greedy_nocache
+from fasttune.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from fasttune.model import CausalLM
+from fasttune.packing import (
+    Batch,
+    PackedSampler,
+    TokenizedData,
+    TokenizeOptions,
+    collate,
+    tokenizer_fingerprint,
+)
+from fasttune.parallelize import parallelize
+from fasttune.tokenizer import Tokenizer, load_tokenizer
+from fasttune.weights import load_model, parse_dtype, save_model
+
+log = logging.getLogger("fasttune")
+
+
+class NonFiniteError(FasttuneError):
+    """A non-finite loss or gradient norm, with the step and the last good checkpoint named."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    step: int
+    stopped: str  # "done", "signal", "early_stopping"
+    losses: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+    test_loss: float | None = None
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up: tokenizer, data, model, optimizer
+
+
+def build_tokenizer(cfg: RunConfig, out: Path, corpus_file: Path | None) -> Tokenizer:
+    if cfg.model is not None:
+        return load_tokenizer(cfg.model)
+    saved = out / "tokenizer"
+    if (saved / "tokenizer.json").exists():  # a resumed built-in run keeps the tokenizer it trained
+        return load_tokenizer(saved)
+    examples, _ = corpus.read_sources([str(corpus_file)])
+    texts = [m["content"] for e in examples for m in e.messages]
+    tok = builtin.train_tokenizer(texts)
+    tok.save(saved)
+    return tok
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path, corpus_file: Path | None) -> dict:
+    """Tokenized train/val/test under out/data, prepared once: a resumed run reuses them when the
+    tokenizer and the data options are the same."""
+    data_dir = out / "data"
+    opts = corpus.PrepareOptions(
+        ratios=tuple(cfg.data.split),
+        seed=cfg.seed,
+        stratify_key=cfg.data.stratify,
+        skip_bad=cfg.data.skip_bad,
+        budget=cfg.micro_batch_tokens,
+        tokenize=TokenizeOptions(
+            cfg.data.max_seq_len, cfg.data.too_long, cfg.data.system_prompt, cfg.data.train_on_input
+        ),
+    )
+    files = [str(corpus_file)] if corpus_file else cfg.data.files
+    weights = cfg.data.weights or [1.0] * len(files)
+    sources = [Source(f, cfg.data.format, w) for f, w in zip(files, weights, strict=True)]
+    report_file = data_dir / "prepare.json"
+    same = False
+    if report_file.exists():
+        old = json.loads(report_file.read_text())
+        same = (
+            old.get("tokenizer") == tokenizer_fingerprint(tokenizer)
+            and old.get("files") == files
+            and old.get("options") == json.loads(json.dumps(dataclasses.asdict(opts)))
+        )
+    if not same:
+        r = corpus.prepare(sources, data_dir, tokenizer, opts)
+        log.info(
+            "prepared %d train / %d val / %d test examples; packing %.1f%% at %d tokens",
+            r["splits"]["train"]["examples"],
+            r["splits"]["val"]["examples"],
+            r["splits"]["test"]["examples"],
+            100 * r["packing"]["efficiency"],
+            cfg.micro_batch_tokens,
+        )
+    return {s: TokenizedData.load(data_dir / "tokenized" / s) for s in ("train", "val", "test")}
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out: Path) -> CausalLM:
+    pure = cfg.precision == "bf16-pure"
+    lora_base_bf16 = cfg.method == "lora" and cfg.precision != "fp32"
+    # Full fine-tunes keep fp32 master weights unless pure bf16; LoRA's frozen base can be bf16 at once.
+    dtype = torch.bfloat16 if (pure or lora_base_bf16) else torch.float32
+    if cfg.model is not None:
+        model = load_model(cfg.model, dtype=dtype, device=device)
+    else:
+        model = builtin.tiny_model(tokenizer, cfg.seed).to(device=device, dtype=dtype)
+        if cfg.method == "lora":  # this base exists only in this run: the adapter needs it saved
+            save_model(model, out / "base_model", tokenizer=tokenizer)
+    if cfg.method == "lora":
+        from fasttune.lora import LoraConfig, apply_lora
+
+        targets = apply_lora(
+            model, LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+        )
+        log.info("LoRA r=%d alpha=%g on %d modules", cfg.lora.r, cfg.lora.alpha, len(targets))
+    if cfg.kernels in ("auto", "torch"):
+        log.info("kernels: torch (PyTorch reference ops)")
+    parallelize(model, cfg.activation_checkpointing, cfg.compile)
+    return model
+
+
+def build_optimizer(cfg: RunConfig, model: CausalLM, device: torch.device, total_steps: int):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused or None
+    )
+    log.info("AdamW: %s", "fused (CUDA)" if fused else "foreach (fused AdamW is used on CUDA only)")
+    warmup = round(cfg.optim.warmup * total_steps)
+    floor = cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:  # the schedule of transformers' get_*_schedule_with_warmup
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.optim.schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * max(0.0, shape)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss(model: CausalLM, b: Batch) -> torch.Tensor:
+    return model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
+
+
+@torch.no_grad()
+def evaluate(model: CausalLM, data: TokenizedData, cfg: RunConfig, device: torch.device) -> float | None:
+    """Mean cross-entropy over every target token of `data` (packed as in training)."""
+    if len(data) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for bin_ in PackedSampler(data.lengths, cfg.micro_batch_tokens, seed=cfg.seed).bins():
+        b = collate(data, bin_, pad_to=cfg.micro_batch_tokens).to(device)
+        with _autocast(cfg, device):
+            total += _loss(model, b).float().item() * b.num_targets
+        count += b.num_targets
+    model.train(was_training)
+    return total / count
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> finish the step, save, return. Installed only on the main thread."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _micro_batches(sampler: PackedSampler):
+    while True:
+        yield from sampler
+
+
+def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
+    """Train as `cfg` says. `on_step(step, record)` is called after each optimizer step (tests use it)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+
+    corpus_file = None
+    if not cfg.data.files:
+        corpus_file = out / "data" / "proverbs.jsonl"
+        if not corpus_file.exists():
+            write_jsonl(corpus_file, synth.generate(cfg.data.synth_n, cfg.seed))
+    tokenizer = build_tokenizer(cfg, out, corpus_file)
+    data = prepare_data(cfg, tokenizer, out, corpus_file)
+    model = build_model(cfg, tokenizer, device, out)
+    model.train()
+
+    train = data["train"]
+    sampler = PackedSampler(train.lengths, cfg.micro_batch_tokens, seed=cfg.seed, weights=train.weight)
+    accumulate = math.ceil((cfg.tokens_per_step or cfg.micro_batch_tokens) / cfg.micro_batch_tokens)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(sampler) / accumulate))
+    optimizer, scheduler = build_optimizer(cfg, model, device, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fpt = flops_per_token(model, float(train.lengths.mean()), lora=cfg.method == "lora")
+    peak = peak_flops(device)
+
+    step, best_val, bad_evals, skips, result = 0, math.inf, 0, 0, RunResult(out, 0, "done")
+    metrics = MetricsLog(out, total_steps, cfg.log_every, cfg.tensorboard, resume=resume)
+    if resume:
+        ckpt, why = find_latest(out)
+        if ckpt is None:
+            raise FasttuneError(f"--resume: {why}")
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        sampler.load_state_dict(meta["sampler"])
+        step, best_val, bad_evals, skips = meta["step"], meta["best_val"], meta["bad_evals"], meta["skips"]
+        metrics.drop_after(step)
+        print(f"resuming from {why}, step {step}", flush=True)
+    last_saved = step if resume else None
+
+    def save() -> Path:
+        nonlocal last_saved
+        meta = {"best_val": best_val, "bad_evals": bad_evals, "skips": skips, "config": cfg.to_dict()}
+        path = save_checkpoint(
+            out,
+            step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sampler_state=sampler.state_dict(),
+            meta=meta,
+            keep=cfg.keep_checkpoints,
+        )
+        last_saved = step
+        return path
+
+    batches = _micro_batches(sampler)
+    with _StopFlag() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [collate(train, next(batches), pad_to=cfg.micro_batch_tokens) for _ in range(accumulate)]
+            n_targets = sum(b.num_targets for b in micro)
+            loss_sum = torch.zeros((), device=device)
+            for b in micro:
+                b = b.to(device)
+                with _autocast(cfg, device):
+                    loss = _loss(model, b)
+                (loss * (b.num_targets / n_targets)).backward()
+                loss_sum += loss.detach().float() * b.num_targets
+            step_loss = (loss_sum / n_targets).item()
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+            step += 1
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                what = f"loss {step_loss}, gradient norm {grad_norm}"
+                if skips < cfg.nonfinite_skips:
+                    skips += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    log.warning(
+                        "step %d: non-finite %s; step skipped (%d of %d allowed)",
+                        step,
+                        what,
+                        skips,
+                        cfg.nonfinite_skips,
+                    )
+                    continue
+                metrics.close()
+                good, _ = find_latest(out)
+                raise NonFiniteError(
+                    f"step {step}: non-finite {what}; stopped before the optimizer step. "
+                    + (
+                        f"The last good checkpoint is {good}: resume from it with --resume, "
+                        if good
+                        else "No checkpoint was written yet; "
+                    )
+                    + "or set nonfinite_skips=K to skip up to K such steps."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            seconds = time.perf_counter() - t0
+            tokens = sum(b.num_tokens for b in micro)
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens,
+                "targets": n_targets,
+                "tokens_per_s": tokens / seconds,
+                "mfu": tokens / seconds * fpt / peak if peak else None,
+                "memory_gib": peak_memory_gib(device),
+            }
+            result.losses.append(step_loss)
+            if step % cfg.eval_every == 0 or step == total_steps:
+                val = evaluate(model, data["val"], cfg, device)
+                if val is not None:
+                    record.update(val_loss=val, val_ppl=math.exp(min(val, 50)))
+                    result.val_loss = val
+                    if val < best_val:
+                        best_val, bad_evals = val, 0
+                    else:
+                        bad_evals += 1
+            metrics.step(record)
+            if on_step is not None:
+                on_step(step, record)
+            if cfg.early_stopping is not None and bad_evals >= cfg.early_stopping:
+                result.stopped = "early_stopping"
+                log.warning(
+                    "early stopping at step %d: %d evaluations without a better validation loss",
+                    step,
+                    bad_evals,
+                )
+                break
+            if stop.signal:
+                result.stopped = "signal"
+                break
+            if step % cfg.save_every == 0:
+                save()
+    metrics.close()
+    result.step = step
+    if last_saved != step:
+        save()
+    if result.stopped == "signal":
+        print(
+            f"\nstopped by {stop.signal} after step {step}; checkpoint "
+            f"{out / 'checkpoints'}/step-{step:08d}. Resume with the same command and --resume.",
+            flush=True,
+        )
+        return result
+    _finish(cfg, model, tokenizer, data, device, out, result)
+    return result
+
+
+def _finish(cfg, model, tokenizer, data, device, out: Path, result: RunResult) -> None:
+    """Test loss, the exported model, a few samples."""
+    result.test_loss = evaluate(model, data["test"], cfg, device)
+    if result.test_loss is not None:
+        print(f"test loss {result.test_loss:.4f} (perplexity {math.exp(min(result.test_loss, 50)):.2f})")
+    save_dtype = parse_dtype(model.config.hf.get("dtype") or model.config.hf.get("torch_dtype") or "float32")
+    if cfg.method == "lora":
+        from fasttune.lora import merge_lora, save_adapter
+
+        base = cfg.model or str(out / "base_model")
+        save_adapter(model, out / "adapter", base_model_path=str(Path(base).resolve()))
+        tokenizer.save(out / "adapter")
+        print(f"adapter: {out / 'adapter'} (PEFT format, base {base})")
+        if cfg.lora.merge:
+            merge_lora(model)
+            save_model(model, out / "merged", tokenizer=tokenizer, dtype=save_dtype)
+            print(f"merged model: {out / 'merged'}")
+    else:
+        save_model(model, out / "model", tokenizer=tokenizer, dtype=save_dtype)
+        print(f"model: {out / 'model'} (Hugging Face format)")
+    test = data["test"]
+    model.eval()
+    for i in range(min(cfg.samples, len(test))):
+        ids, mask = test.sequence(i)
+        first = int(mask.argmax())  # the first response token: the prompt ends just before it
+        prompt = [int(t) for t in ids[:first]]
+        new = greedy_nocache(model, prompt, 40, tokenizer.stop_token_ids)
+        said = tokenizer.decode([t for t in new if t not in tokenizer.stop_token_ids]).strip()
+        asked = tokenizer.decode(prompt).split("<|im_start|>user\n")[-1].split("<|im_end|>")[0].strip()
+        result.samples.append((asked, said))
+        print(f"  {asked}\n    -> {said}")
