@@ -77,3 +77,16 @@ def test_file_errors_name_the_file(tmp_path):
     (tmp_path / "model").mkdir()
     with pytest.raises(ConfigError, match="model: .*model has no config.json"):
         load_config(None, [f"model={tmp_path / 'model'}"])
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b-full.yaml", "qwen2.5-0.5b-lora.yaml"])
+def test_shipped_configs_resolve(tmp_path, name):
+    from pathlib import Path
+
+    (tmp_path / "config.json").write_text("{}")
+    path = Path(__file__).parent.parent / "configs" / name
+    cfg = load_config(path, [f"model={tmp_path}"])
+    assert cfg.model == str(tmp_path) and cfg.micro_batch_tokens == 2048 and cfg.precision == "bf16"
+    assert cfg.method == ("lora" if "lora" in name else "full")
+    with pytest.raises(ConfigError, match="models/Qwen2.5-0.5B-Instruct is not a folder"):
+        load_config(path)  # as shipped it names the folder to download the model into

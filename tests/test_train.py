@@ -288,3 +288,19 @@ def test_activation_checkpointing_and_compile_give_the_same_losses(setup, tmp_pa
     assert logged(tmp_path / "ac") == plain  # recomputation repeats the same arithmetic
     for a, b in zip(logged(tmp_path / "compiled"), plain, strict=True):
         assert abs(a - b) < 1e-5  # compiled kernels may fuse and reorder float operations
+
+
+def test_tensorboard_without_the_package_says_so(setup, tmp_path, caplog, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with caplog.at_level("WARNING", logger="fasttune"):
+        train.run(config(setup, tmp_path, "max_steps=1", "tensorboard=true"))
+    assert "the tensorboard package is not installed" in caplog.text and len(logged(tmp_path)) == 1
