@@ -3,13 +3,20 @@ Qwen2.5 tokenizer from tests/fixtures (decompressed once per session)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# Triton kernels run through Triton's interpreter where there is no NVIDIA GPU. It must be chosen before
+# anything imports triton, hence here, first.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from fasttune.tokenizer import write_builtin_tokenizer
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fasttune.tokenizer import write_builtin_tokenizer  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QWEN_FIXTURE = FIXTURES / "qwen2.5-0.5b-instruct"
@@ -130,3 +137,30 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
         shutil.copy(QWEN_FIXTURE / f, d / f)
     write_builtin_tokenizer(d)  # the same tokenizer, bundled with the package (src/fasttune/assets)
     return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a kernel against fp64
+
+
+BF16_DOT_SKIP = ("Triton's interpreter computes tl.dot on bf16 inputs wrongly (it multiplies the bit "
+                 "patterns; triton-lang/triton#11584): bf16 dot kernels are checked on a GPU")
+
+
+def dot_dtype_skip(dtype, device="cpu"):
+    """Skip marker reason for bf16 cases of tl.dot kernels in the interpreter, else None."""
+    if dtype == torch.bfloat16 and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return BF16_DOT_SKIP
+    return None
+
+
+def assert_fp64_close(name: str, got: torch.Tensor, torch_same_dtype: torch.Tensor, exact: torch.Tensor,
+                      factor: float = 2.0) -> None:
+    """The kernel's max error against the fp64 result is at most `factor` x the PyTorch reference's
+    error in the same dtype (plus a few ulps of the result's scale, for when that error is ~0)."""
+    assert got.shape == exact.shape, (name, got.shape, exact.shape)
+    assert got.dtype == torch_same_dtype.dtype, (name, got.dtype, torch_same_dtype.dtype)
+    err = (got.double() - exact).abs().max().item()
+    ref = (torch_same_dtype.double() - exact).abs().max().item()
+    floor = 4 * torch.finfo(got.dtype).eps * max(exact.abs().max().item(), 1e-30)
+    assert err <= factor * ref + floor, f"{name}: kernel error {err:.3e} > {factor} x reference's {ref:.3e}"
