@@ -143,8 +143,10 @@ def qwen_tokenizer_dir(tmp_path_factory) -> Path:
 # Checking a kernel against fp64
 
 
-BF16_DOT_SKIP = ("Triton's interpreter computes tl.dot on bf16 inputs wrongly (it multiplies the bit "
-                 "patterns; triton-lang/triton#11584): bf16 dot kernels are checked on a GPU")
+BF16_DOT_SKIP = (
+    "Triton's interpreter computes tl.dot on bf16 inputs wrongly (it multiplies the bit "
+    "patterns; triton-lang/triton#11584): bf16 dot kernels are checked on a GPU"
+)
 
 
 def dot_dtype_skip(dtype, device="cpu"):
@@ -154,8 +156,9 @@ def dot_dtype_skip(dtype, device="cpu"):
     return None
 
 
-def assert_fp64_close(name: str, got: torch.Tensor, torch_same_dtype: torch.Tensor, exact: torch.Tensor,
-                      factor: float = 2.0) -> None:
+def assert_fp64_close(
+    name: str, got: torch.Tensor, torch_same_dtype: torch.Tensor, exact: torch.Tensor, factor: float = 2.0
+) -> None:
     """The kernel's max error against the fp64 result is at most `factor` x the PyTorch reference's
     error in the same dtype (plus a few ulps of the result's scale, for when that error is ~0)."""
     assert got.shape == exact.shape, (name, got.shape, exact.shape)

@@ -159,3 +159,58 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
         assert model.model.embed_tokens.weight.dtype != torch.float32
         assert model.model.inv_freq.dtype == torch.float32
         assert torch.equal(model.model.inv_freq, fp32)
+
+
+# -- the Triton kernels against the PyTorch references, through the whole model ----------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2_tied", "qwen3", "llama", "mistral"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_triton_kernels_match_the_references_in_the_whole_model(tmp_path, family, lora):
+    from fasttune.lora import LoraConfig, apply_lora
+
+    write_checkpoint(tmp_path, family)
+    models = {k: fasttune.load_model(tmp_path, dtype=torch.float32, kernels=k) for k in ("torch", "triton")}
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, models["torch"].config.vocab_size, (n,), generator=g) for n in (9, 20, 4)]
+    ids, pos, cu = _pack(seqs)
+    targets = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in seqs]).unsqueeze(0)
+    results = {}
+    for name, model in models.items():
+        if lora:
+            apply_lora(model, LoraConfig(r=4, dropout=0.0))
+            torch.manual_seed(0)
+            for m in model.modules():
+                if hasattr(m, "lora_B"):
+                    torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+            model.set_kernels(name)
+        assert all(m.kernels == name for m in model.modules() if hasattr(m, "kernels"))
+        logits = model.logits(ids, pos, cu)
+        loss = model.loss(ids, targets, pos, cu)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[name] = (logits.detach(), loss.detach(), grads)
+    (l_ref, loss_ref, g_ref), (l_tri, loss_tri, g_tri) = results["torch"], results["triton"]
+    assert rel_err(l_tri, l_ref) < 1e-5
+    assert abs(loss_tri.item() - loss_ref.item()) < 1e-5 * abs(loss_ref.item())
+    assert g_tri.keys() == g_ref.keys() and len(g_ref) > 0
+    for n in g_ref:
+        assert rel_err(g_tri[n], g_ref[n]) < 1e-4, n
+
+
+def test_kernel_choice_is_logged_and_triton_where_it_cannot_run_is_an_error(tmp_path, caplog, monkeypatch):
+    from fasttune.ops import choose_kernels
+
+    assert choose_kernels("auto", torch.device("cpu"))[0] == "torch"
+    assert "no CUDA device" in choose_kernels("auto", torch.device("cpu"))[1]
+    assert choose_kernels("torch", torch.device("cpu")) == ("torch", "requested")
+    assert choose_kernels("triton", torch.device("cpu"))[0] == "triton"  # the interpreter is on in tests
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="kernels='triton' needs a CUDA device"):
+        choose_kernels("triton", torch.device("cpu"))
+    write_checkpoint(tmp_path, "llama")
+    with caplog.at_level("INFO", logger="fasttune"):
+        fasttune.load_model(tmp_path)
+    assert "kernels: torch (auto: no CUDA device" in caplog.text
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        choose_kernels("cuda", torch.device("cpu"))

@@ -25,7 +25,7 @@ import yaml
 from fasttune.errors import ConfigError
 
 METHODS = ("full", "lora")
-KERNELS = ("auto", "torch")
+KERNELS = ("auto", "triton", "torch")
 PRECISIONS = ("bf16", "bf16-pure", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")
@@ -75,7 +75,7 @@ class RunConfig:
     output_dir: str = "out/run"
     method: str = "full"  # full | lora
     seed: int = 0
-    kernels: str = "auto"  # auto | torch: which implementation of the ops runs (logged)
+    kernels: str = "auto"  # auto (Triton on CUDA, else PyTorch) | triton | torch; the choice is logged
     precision: str = "bf16"  # bf16: fp32 master weights, bf16 compute | bf16-pure | fp32
     device: str = "auto"  # auto: cuda when available, else cpu
     epochs: float = 3.0

@@ -111,6 +111,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.kernels = "torch"  # set by CausalLM.set_kernels
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -119,6 +120,20 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":  # the LoRA up-projection fused into the base GEMM (ops/lora_linear.py)
+            from fasttune.ops.lora_linear import lora_linear
+
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return lora_linear(
+                x,
+                self.base_layer.weight,
+                self.base_layer.bias,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.scaling,
+                dropout_p=p,
+                training=self.training,
+            )
         out = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.lora_dropout(x.float()))) * self.scaling
         return out + update.to(out.dtype)
@@ -173,6 +188,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         adapter = LoraLinear(linear, cfg.r, cfg.alpha, cfg.dropout)
         adapter.train(model.training)  # a new module starts in training mode; it must follow the model's
+        adapter.kernels = getattr(model, "kernels", "torch")  # and the model's choice of ops
         setattr(model.get_submodule(parent_name), attr, adapter)
     model.lora_config = cfg
     model.lora_targets = sorted(found)

@@ -13,6 +13,7 @@ Shapes: B batch, T tokens, H hidden, I intermediate, V vocab, n_q / n_kv heads, 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ from torch import nn
 
 from fasttune.attention import attention, attention_backend
 from fasttune.errors import ConfigError
+from fasttune.ops import choose_kernels
+
+log = logging.getLogger("fasttune")
 
 # model_type -> what differs between the families. Everything else is shared.
 #   qkv_bias: Qwen2 has biases on q/k/v (not o); Llama/Mistral/Qwen3 follow `attention_bias` (default off).
@@ -144,6 +148,21 @@ def _rope_parameters(d: dict[str, Any], source: str) -> tuple[float, dict[str, A
 # Building blocks
 
 
+def _triton():
+    """The fused Triton ops, imported on first use so that `import fasttune` never needs triton."""
+    from fasttune.ops import linear_cross_entropy, rms_norm, rope, swiglu
+
+    return _TritonOps(rms_norm.rms_norm, rope.rope, swiglu.swiglu, linear_cross_entropy.linear_cross_entropy)
+
+
+@dataclass(frozen=True)
+class _TritonOps:
+    rms_norm: object
+    rope: object
+    swiglu: object
+    linear_cross_entropy: object
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight multiply."""
 
@@ -151,8 +170,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "triton":
+            return _triton().rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -212,15 +234,20 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.sliding_window = cfg.sliding_window
+        self.kernels = "torch"
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+        """rope: (cos, sin) tables for the PyTorch path, (position_ids, inv_freq) for the Triton one."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_q, self.hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kernels == "triton":
+            q, k = _triton().rope(q, k, *rope)  # in place, angles computed in the kernel
+        else:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = attention(
             q,
             k,
@@ -242,8 +269,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=bias)
         self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
+        self.kernels = "torch"
 
     def forward(self, x):
+        if self.kernels == "triton":
+            return self.down_proj(_triton().swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -255,9 +285,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+        a = self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen)
+        norm = self.post_attention_layernorm
+        if norm.kernels == "triton":  # the residual add fused into the norm: one pass over [T, H]
+            h, x = _triton().rms_norm(a, norm.weight, norm.eps, residual=x)
+        else:
+            x = x + a
+            h = norm(x)
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -284,9 +320,12 @@ class Decoder(nn.Module):
         attention_backend(x.device, x.dtype)  # choose (and log) it here, outside any compiled block
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cu_seqlens)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        if self.norm.kernels == "triton":
+            rope = (position_ids, self.inv_freq)
+        else:
+            rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+            x = layer(x, rope, cu_seqlens, max_seqlen)
         return self.norm(x)
 
 
@@ -314,6 +353,18 @@ class CausalLM(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.kernels = "torch"
+
+    def set_kernels(self, requested: str = "auto", device: torch.device | None = None) -> str:
+        """Choose the ops for this model: "triton" (the fused kernels in fasttune.ops), "torch" (the
+        references in this file), or "auto" (Triton on CUDA, the references elsewhere). Logged."""
+        device = device or self.lm_head.weight.device
+        name, why = choose_kernels(requested, device)
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = name
+        log.info("kernels: %s (%s)", name, why)
+        return name
 
     def tie_weights(self) -> None:
         """A tied head shares the embedding's Parameter, so both gradients land in one tensor."""
@@ -348,6 +399,13 @@ class CausalLM(nn.Module):
                 f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
             )
         hidden = self(input_ids, position_ids, cu_seqlens, max_seqlen)
+        if self.kernels == "triton":  # chunked: the [T, V] logits are never materialised
+            weight = self.lm_head.weight
+            if torch.is_autocast_enabled(hidden.device.type):  # cast as autocast casts lm_head's inputs
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            total, count = _triton().linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+            return total / count
         logits = self.lm_head(hidden).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 

@@ -145,8 +145,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out:
             model, LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
         )
         log.info("LoRA r=%d alpha=%g on %d modules", cfg.lora.r, cfg.lora.alpha, len(targets))
-    if cfg.kernels in ("auto", "torch"):
-        log.info("kernels: torch (PyTorch reference ops)")
+    model.set_kernels(cfg.kernels, device)  # after LoRA, so the adapters follow the choice too
     parallelize(model, cfg.activation_checkpointing, cfg.compile)
     return model
 

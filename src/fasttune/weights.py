@@ -254,11 +254,16 @@ def check_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
 
 
 def load_model(
-    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    kernels: str = "auto",
 ) -> CausalLM:
     """Load a Hugging Face checkpoint folder into a `CausalLM` on `device`.
 
     dtype: the parameters' dtype; None takes the config's `dtype`/`torch_dtype`, else float32.
+    kernels: "triton" (fused Triton ops), "torch" (PyTorch references) or "auto" (Triton on CUDA, the
+    references elsewhere); the choice is logged. Asking for "triton" where it cannot run is an error.
     The model comes back in eval mode, as transformers returns it. Raises ConfigError or CheckpointError
     naming the file and keys at fault, before any weight is read; never returns a partly loaded model.
     """
@@ -284,6 +289,7 @@ def load_model(
     model.model.inv_freq = model.model.inv_freq.to(device)
     model.source_path = str(folder)
     model.generation_config = _read_generation_config(folder)
+    model.set_kernels(kernels, device)
     model.eval()  # as transformers' from_pretrained: dropout (LoRA's) is off until a loop calls train()
     log.info(
         "loaded %s (%s, %.1fM parameters) as %s on %s",

@@ -29,5 +29,36 @@ def triton_runs_on(*tensors: torch.Tensor) -> bool:
 def check_triton(*tensors: torch.Tensor, op: str) -> None:
     if not triton_runs_on(*tensors):
         devices = sorted({str(t.device) for t in tensors})
-        raise RuntimeError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
-                           f"got tensors on {', '.join(devices)}")
+        raise RuntimeError(
+            f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
+            f"got tensors on {', '.join(devices)}"
+        )
+
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def choose_kernels(requested: str, device: torch.device) -> tuple[str, str]:
+    """("triton" or "torch", why). "auto" takes Triton on CUDA and the PyTorch references elsewhere;
+    asking for "triton" where it cannot run is an error, never a silent fallback."""
+    if requested not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {requested!r}")
+    if requested == "torch":
+        return "torch", "requested"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        missing = "the triton package is not installed"
+        if requested == "triton":
+            raise RuntimeError(f"kernels='triton': {missing}") from None
+        return "torch", f"auto: {missing}"
+    if device.type == "cuda":
+        return "triton", "requested" if requested == "triton" else "auto: CUDA device"
+    if requested == "triton":
+        if device.type == "cpu" and interpreting():
+            return "triton", "requested, on the CPU through Triton's interpreter (slow; for tests)"
+        raise RuntimeError(
+            f"kernels='triton' needs a CUDA device (the model is on {device}); "
+            "use kernels='auto' or 'torch' here"
+        )
+    return "torch", f"auto: no CUDA device (the model is on {device}); Triton kernels run on CUDA"
