@@ -304,3 +304,13 @@ def test_tensorboard_without_the_package_says_so(setup, tmp_path, caplog, monkey
     with caplog.at_level("WARNING", logger="fasttune"):
         train.run(config(setup, tmp_path, "max_steps=1", "tensorboard=true"))
     assert "the tensorboard package is not installed" in caplog.text and len(logged(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_loop_with_triton_kernels_gives_the_reference_losses(setup, tmp_path, method):
+    """kernels=triton (through the interpreter on the CPU: slow, so 2 small steps) against kernels=torch."""
+    small = ("max_steps=2", "micro_batch_tokens=192", "max_seq_len=192", f"method={method}")
+    train.run(config(setup, tmp_path / "torch", *small, "kernels=torch"))
+    train.run(config(setup, tmp_path / "triton", *small, "kernels=triton"))
+    for a, b in zip(logged(tmp_path / "triton"), logged(tmp_path / "torch"), strict=True):
+        assert abs(a - b) < 1e-4 * abs(b)

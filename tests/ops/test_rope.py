@@ -296,3 +296,24 @@ def test_rope_needs_triton_device(monkeypatch):
     q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4)
     with pytest.raises(RuntimeError, match="Triton kernels need CUDA tensors"):
         rope(q, k, torch.zeros(1, 3, dtype=torch.long), _inv_freq(4).cpu())
+
+
+def test_rope_after_a_function_that_returns_a_view_of_its_own_buffer():
+    # A custom autograd Function may return a view of an internal buffer (no history): dirtying that base
+    # would cut the graph. rope must route through the view instead (here by copying it).
+    class Doubled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return (x * 2).reshape(1, 3, 2, 8)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.reshape(1, 3, 16) * 2
+
+    x = torch.randn(1, 3, 16, device=DEVICE, requires_grad=True)
+    q = Doubled.apply(x)
+    assert q._base is not None and not q._base.requires_grad
+    k = torch.randn(1, 3, 1, 8, device=DEVICE)
+    out_q, _ = rope(q, k, torch.arange(3, device=DEVICE)[None], _inv_freq(8))
+    out_q.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -284,22 +284,22 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_mask, dropout_p):
-        in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)
-        mask2 = dropout_mask.reshape(-1, in_features) if dropout_mask is not None else None
+    def forward(ctx, x2, weight, bias, lora_A, lora_B, scaling, mask2, dropout_p):
+        # x2 [N, in] and the output [N, out] are 2-D: the public function flattens and unflattens outside
+        # the Function, so the tensor callers see is a view of this Function's own output (a view of an
+        # internal buffer would have no autograd history for in-place ops such as rope to route through).
         xa = _dropped(x2, mask2, dropout_p) @ lora_A.t()
         y = _lowrank_gemm(x2, weight.t(), xa, lora_B.t(), scaling, bias=bias)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, mask2)
-        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_A, lora_B, xa, mask2 = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dy2 = dy.reshape(-1, weight.shape[0])
+        dy2 = dy
         dy_f = dy2.float()
         dx = dA = dB = None
         if need_x or need_A:
@@ -307,7 +307,6 @@ class LoraLinearFunction(torch.autograd.Function):
             if need_x:
                 keep_scale = _keep_scale(p) if mask2 is not None else 1.0
                 dx = _lowrank_gemm(dy2, weight, g, lora_A, s, keep=mask2, keep_scale=keep_scale)
-                dx = dx.reshape(ctx.x_shape)
             if need_A:
                 dA = (g.t() @ _dropped(x2, mask2, p)).mul_(s)
         if need_B:
@@ -374,4 +373,7 @@ def lora_linear(
             "this op computes no gradient for them"
         )
     mask = lora_dropout_mask(x.shape, dropout_p, x.device, generator) if training and dropout_p > 0 else None
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), mask, float(dropout_p))
+    x2 = x.reshape(-1, in_features)
+    mask2 = mask.reshape(-1, in_features) if mask is not None else None
+    y = LoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), mask2, float(dropout_p))
+    return y.view(*x.shape[:-1], out_features)

@@ -169,7 +169,9 @@ def _dirty_target(x: torch.Tensor, copy_views: bool) -> torch.Tensor:
     PyTorch refuses a Function that modifies a view in place and returns more than one tensor, and q and
     k are views in the model (`q_proj(x).view(B, T, n, hd)`). When the view is a plain reshape of its base
     (same elements, both contiguous), the base is what is dirtied: the same memory, and autograd then
-    routes the gradient through the base. Other views (a slice of a fused QKV output, a transpose) are
+    routes the gradient through the base, provided the base carries the view's autograd history (a view
+    that a custom Function returned of an internal buffer does not). Other views (a slice of a fused QKV
+    output, a transpose, such a Function's view) are
     copied first when autograd is recording, and the copy is rotated; without autograd they are rotated
     in place as they are.
     """
@@ -177,7 +179,8 @@ def _dirty_target(x: torch.Tensor, copy_views: bool) -> torch.Tensor:
     if base is None:
         return x
     if (
-        x.is_contiguous()
+        base.requires_grad == x.requires_grad  # the base carries the view's history (not an internal buffer)
+        and x.is_contiguous()
         and base.is_contiguous()
         and x.numel() == base.numel()
         and x.storage_offset() == base.storage_offset()
