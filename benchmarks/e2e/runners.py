@@ -1,0 +1,238 @@
+"""The end-to-end contestants, each training the same model on the same examples, step for step.
+
+The workload is the reference recipe's: 32 examples per optimizer step, truncated at 128 tokens. Every
+runner takes the same step plan (which examples form each step), so their loss curves are comparable
+step by step, and measures the same things:
+
+  hf_padded        transformers, SDPA, the 32 examples padded to the longest (TRL's default collation),
+                   torch AdamW (fused on CUDA): the recipe as users run it.
+  hf_padding_free  transformers, the 32 examples flattened into one row with restarting position_ids
+                   (transformers derives the block-diagonal mask from them), Liger-Kernel's kernels when
+                   installed: the strongest Hugging Face setup available.
+  fasttune         the step's examples packed into one row padded to a fixed bucket (static shapes for
+                   torch.compile), fasttune's model and ops (kernels, compile, LoRA as asked).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fasttune.metrics import flops_per_token, peak_flops
+from fasttune.packing import TokenizedData, collate
+
+BATCH = 32
+MAX_LEN = 128
+
+
+@dataclass
+class StepPlan:
+    steps: list[list[int]]  # example indices of each step
+    bucket: int  # fasttune's fixed row length: the largest step, rounded up to a multiple of 256
+
+    @classmethod
+    def make(cls, data: TokenizedData, tokens: int, seed: int = 0) -> StepPlan:
+        order = np.random.default_rng(seed).permutation(len(data)).tolist()
+        steps, total = [], 0
+        while total < tokens:
+            if not order:
+                order = np.random.default_rng(seed + len(steps)).permutation(len(data)).tolist()
+            step, order = order[:BATCH], order[BATCH:]
+            steps.append(step)
+            total += int(data.lengths[step].sum())
+        longest = max(int(data.lengths[s].sum()) for s in steps)
+        return cls(steps, math.ceil(longest / 256) * 256)
+
+
+@dataclass
+class Result:
+    name: str
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    targets: int = 0  # per measured step, summed
+    real_tokens: int = 0
+    computed_tokens: int = 0  # including padding
+    peak_memory_gib: float | None = None
+    first_step_s: float = 0.0  # includes compilation and warm-up allocations
+    extra: dict = field(default_factory=dict)
+
+    def summary(self, flops: float, peak: float | None) -> dict:
+        seconds = sum(self.step_seconds)
+        real_tps = self.real_tokens / seconds if seconds else 0.0
+        return {
+            "steps_measured": len(self.step_seconds),
+            "step_ms_median": 1e3 * statistics.median(self.step_seconds) if self.step_seconds else None,
+            "steps_per_s": len(self.step_seconds) / seconds if seconds else None,
+            "target_tokens_per_s": self.targets / seconds if seconds else None,
+            "real_tokens_per_s": real_tps,
+            "token_efficiency": self.real_tokens / self.computed_tokens if self.computed_tokens else None,
+            "peak_memory_gib": self.peak_memory_gib,
+            "mfu": real_tps * flops / peak if peak else None,
+            "final_loss": statistics.fmean(self.losses[-5:]) if self.losses else None,
+            "first_step_s": self.first_step_s,
+            **self.extra,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_loop(name, plan: StepPlan, step_fn, device, warmup: int) -> Result:
+    """Run step_fn(i) for every planned step; the first `warmup` are not measured."""
+    result = Result(name)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(len(plan.steps)):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss, targets, real, computed = step_fn(i)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        result.losses.append(loss)
+        if i == 0:
+            result.first_step_s = dt
+        if i >= warmup:
+            result.step_seconds.append(dt)
+            result.targets += targets
+            result.real_tokens += real
+            result.computed_tokens += computed
+    if device.type == "cuda":
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def _adamw(params, lr, device):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda" or None)
+
+
+def _schedule(opt, steps):
+    import transformers
+
+    return transformers.get_cosine_schedule_with_warmup(opt, max(1, round(0.05 * steps)), steps)
+
+
+def run_hf(
+    model_dir,
+    data: TokenizedData,
+    plan: StepPlan,
+    device,
+    dtype,
+    padding_free: bool,
+    warmup: int,
+    lr: float = 2e-5,
+    liger: bool = False,
+) -> Result:
+    import transformers
+
+    if liger:
+        from liger_kernel.transformers import AutoLigerKernelForCausalLM as Auto
+    else:
+        Auto = transformers.AutoModelForCausalLM
+    model = Auto.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.train()
+    opt = _adamw(model.parameters(), lr, device)
+    sched = _schedule(opt, len(plan.steps))
+    pad = 0
+
+    def step(i):
+        seqs = [(s.astype(np.int64), m) for s, m in (data.sequence(j) for j in plan.steps[i])]
+        if padding_free:
+            ids = np.concatenate([s for s, _ in seqs])[None]
+            labels = np.concatenate([np.where(m.astype(bool), s, -100) for s, m in seqs])[None]
+            pos = np.concatenate([np.arange(len(s)) for s, _ in seqs])[None]
+            batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        else:
+            n = max(len(s) for s, _ in seqs)
+            ids = np.full((len(seqs), n), pad)
+            labels = np.full((len(seqs), n), -100)
+            att = np.zeros((len(seqs), n))
+            for r, (s, m) in enumerate(seqs):
+                ids[r, : len(s)], att[r, : len(s)] = s, 1
+                labels[r, : len(s)] = np.where(m.astype(bool), s, -100)
+            batch = {"input_ids": ids, "labels": labels, "attention_mask": att}
+        batch = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)).to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        real = sum(len(s) for s, _ in seqs)
+        targets = int(sum(m[1:].sum() for _, m in seqs))
+        return loss.item(), targets, real, batch["input_ids"].numel()
+
+    name = "hf_padding_free" + ("+liger" if liger else "") if padding_free else "hf_padded"
+    return _timed_loop(name, plan, step, device, warmup)
+
+
+def run_fasttune(
+    model_dir,
+    data: TokenizedData,
+    plan: StepPlan,
+    device,
+    dtype,
+    warmup: int,
+    *,
+    kernels: str = "auto",
+    compile: bool = False,
+    lora: bool = False,
+    pack: bool = True,
+    lr: float = 2e-5,
+) -> Result:
+    import fasttune
+    from fasttune.parallelize import parallelize
+
+    model = fasttune.load_model(model_dir, dtype=dtype, device=device, kernels=kernels)
+    if lora:
+        from fasttune.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0))
+        model.set_kernels(kernels, device)
+    parallelize(model, compile=compile)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _adamw(params, 2e-4 if lora else lr, device)
+    sched = _schedule(opt, len(plan.steps))
+
+    def step(i):
+        idx = plan.steps[i]
+        # pack=False is the deliberate regression the gate must catch: each example alone, padded to 128.
+        rows = (
+            [collate(data, idx, pad_to=plan.bucket)]
+            if pack
+            else [collate(data, [j], pad_to=MAX_LEN) for j in idx]
+        )
+        n_targets = sum(b.num_targets for b in rows)
+        total = 0.0
+        for b in rows:
+            b = b.to(device)
+            loss = model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
+            (loss * (b.num_targets / n_targets)).backward()
+            total += loss.detach() * b.num_targets
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        real = sum(b.num_tokens for b in rows)
+        return (total / n_targets).item(), n_targets, real, sum(b.input_ids.numel() for b in rows)
+
+    name = "fasttune" + ("_lora" if lora else "") + f"_{model.kernels}" + ("_compile" if compile else "")
+    result = _timed_loop(name, plan, step, device, warmup)
+    if compile:
+        from torch._dynamo.utils import counters
+
+        result.extra["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        result.extra["graph_breaks"] = int(sum(counters["graph_break"].values()))
+    result.extra["flops_per_token"] = flops_per_token(model, float(np.mean(data.lengths)), lora=lora)
+    return result
+
+
+def peak_for(device) -> float | None:
+    return peak_flops(torch.device(device))
