@@ -24,7 +24,7 @@ def report(tmp_path_factory):
                 "--model",
                 str(model_dir),
                 "--tokens",
-                "4000",
+                "12000",
                 "--device",
                 "cpu",
                 "--dtype",
@@ -66,3 +66,10 @@ def test_same_steps_same_losses_and_consistent_ratios(report):
         )
     assert r["results"]["hf_padded"]["vs_a"] == pytest.approx(1.0)
     assert r["results"]["fasttune_torch"]["token_efficiency"] > r["results"]["hf_padded"]["token_efficiency"]
+
+
+def test_fasttune_bench_command_reaches_the_benchmark(capsys):
+    from fasttune.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    assert "--variants" in capsys.readouterr().out

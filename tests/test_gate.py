@@ -13,8 +13,12 @@ import gate  # noqa: E402
 
 def test_check_names_the_counter_the_value_and_the_bound():
     measured = {"fasttune_token_efficiency": 0.5, "bucket": 1792, "speed_ratio_vs_hf": 1.2}
-    thresholds = {"fasttune_token_efficiency_min": 0.84, "bucket_max": 1792, "speed_ratio_vs_hf_min": 0.6,
-                  "graph_breaks_max": 6}
+    thresholds = {
+        "fasttune_token_efficiency_min": 0.84,
+        "bucket_max": 1792,
+        "speed_ratio_vs_hf_min": 0.6,
+        "graph_breaks_max": 6,
+    }
     assert gate.check(measured, thresholds) == ["fasttune_token_efficiency = 0.5 is below its min 0.84"]
 
 

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     info = stamp()
+    if device.type == "cpu":  # measured, unlike the ops harness's smoke runs: CPU timings, labelled as such
+        info["gpu"] = "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model)
         if args.model in SHAPES:

@@ -278,7 +278,33 @@ def dry_run(cfg) -> None:
     )
 
 
+def bench_command(args: list[str]) -> int:
+    """`fasttune bench` runs benchmarks/e2e/bench.py, which lives in the source tree, not the package."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e" / "bench.py"
+    if not script.is_file():
+        raise FasttuneError(
+            "fasttune bench runs from a source checkout: benchmarks/e2e/ is not installed with "
+            "the package (pip install -e . from a clone)"
+        )
+    import runpy
+    import sys as _sys
+
+    _sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every argument goes to the benchmark's own parser
+        try:
+            return bench_command(argv[1:])
+        except FasttuneError as e:
+            print(f"fasttune: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="fasttune", description="Fast fine-tuning of Qwen-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what fasttune decides")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tokenize a few examples, count parameters, estimate memory, and exit",
     )
+    from fasttune import profile
+
+    profile.add_subparser(sub)  # `fasttune profile`: its arguments and handler live in fasttune/profile.py
+    bench = sub.add_parser(
+        "bench", add_help=False, help="fasttune against the Hugging Face baseline (see fasttune bench --help)"
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     verbose = args.verbose or args.command == "run"  # a run says what it chose (backends, kernels, AdamW)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
@@ -305,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             data_command(args)
         elif args.command == "run":
             return run_command(args)
+        elif args.command == "profile":
+            return profile.command(args)
     except FasttuneError as e:
         print(f"fasttune: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from torch import nn
 from fasttune.attention import attention, attention_backend
 from fasttune.errors import ConfigError
 from fasttune.ops import choose_kernels
+from fasttune.profile import region
 
 log = logging.getLogger("fasttune")
 
@@ -286,14 +287,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
-        a = self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen)
+        with region("norm"):  # regions: named in `fasttune profile` traces, no-ops otherwise
+            h = self.input_layernorm(x)
+        with region("attention"):
+            a = self.self_attn(h, rope, cu_seqlens, max_seqlen)
         norm = self.post_attention_layernorm
-        if norm.kernels == "triton":  # the residual add fused into the norm: one pass over [T, H]
-            h, x = _triton().rms_norm(a, norm.weight, norm.eps, residual=x)
-        else:
-            x = x + a
-            h = norm(x)
-        return x + self.mlp(h)
+        with region("norm"):
+            if norm.kernels == "triton":  # the residual add fused into the norm: one pass over [T, H]
+                h, x = _triton().rms_norm(a, norm.weight, norm.eps, residual=x)
+            else:
+                x = x + a
+                h = norm(x)
+        with region("mlp"):
+            return x + self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -316,7 +322,8 @@ class Decoder(nn.Module):
         return self
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
-        x = self.embed_tokens(input_ids)
+        with region("embedding"):
+            x = self.embed_tokens(input_ids)
         attention_backend(x.device, x.dtype)  # choose (and log) it here, outside any compiled block
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cu_seqlens)
@@ -326,7 +333,8 @@ class Decoder(nn.Module):
             rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        with region("norm"):
+            return self.norm(x)
 
 
 def default_position_ids(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -399,15 +407,16 @@ class CausalLM(nn.Module):
                 f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
             )
         hidden = self(input_ids, position_ids, cu_seqlens, max_seqlen)
-        if self.kernels == "triton":  # chunked: the [T, V] logits are never materialised
-            weight = self.lm_head.weight
-            if torch.is_autocast_enabled(hidden.device.type):  # cast as autocast casts lm_head's inputs
-                dtype = torch.get_autocast_dtype(hidden.device.type)
-                hidden, weight = hidden.to(dtype), weight.to(dtype)
-            total, count = _triton().linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
-            return total / count
-        logits = self.lm_head(hidden).float()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        with region("head_loss"):
+            if self.kernels == "triton":  # chunked: the [T, V] logits are never materialised
+                weight = self.lm_head.weight
+                if torch.is_autocast_enabled(hidden.device.type):  # cast as autocast casts lm_head's inputs
+                    dtype = torch.get_autocast_dtype(hidden.device.type)
+                    hidden, weight = hidden.to(dtype), weight.to(dtype)
+                total, count = _triton().linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+                return total / count
+            logits = self.lm_head(hidden).float()
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
