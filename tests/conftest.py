@@ -129,6 +129,23 @@ def write_checkpoint(path: Path, family: str, dtype=torch.float32, seed: int = 0
     return model.float()
 
 
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """A tiny training run's inputs: a small corpus (data.jsonl), a BPE trained on it, and a tiny random
+    Qwen2 checkpoint with that vocabulary (model/). Used by the loop's and the profiler's tests."""
+    from fasttune import builtin, synth
+    from fasttune.data import write_jsonl
+
+    root = tmp_path_factory.mktemp("run")
+    records = synth.generate(240, seed=3)
+    write_jsonl(root / "data.jsonl", records)
+    tok = builtin.train_tokenizer([r[k] for r in records for k in ("input", "output")], vocab_size=300)
+    model = hf_model("qwen2_tied", vocab_size=tok.vocab_size)
+    model.save_pretrained(root / "model")
+    tok.save(root / "model")
+    return root
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory) -> Path:
     """Qwen2.5-0.5B-Instruct's tokenizer folder (no weights)."""

@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import fasttune.profile as prof
-from conftest import hf_model
-from fasttune import builtin, synth, train
+from fasttune import train
 from fasttune.cli import main
 from fasttune.config import load_config
-from fasttune.data import write_jsonl
 from fasttune.errors import FasttuneError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -30,19 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A small corpus, a BPE trained on it and a tiny random Qwen2 checkpoint (as in test_train.py)."""
-    root = tmp_path_factory.mktemp("profile")
-    records = synth.generate(240, seed=3)
-    write_jsonl(root / "data.jsonl", records)
-    tok = builtin.train_tokenizer([r[k] for r in records for k in ("input", "output")], vocab_size=300)
-    model = hf_model("qwen2_tied", vocab_size=tok.vocab_size)
-    model.save_pretrained(root / "model")
-    tok.save(root / "model")
-    return root
 
 
 def overrides(setup, out):

@@ -11,28 +11,13 @@ import torch
 import transformers
 
 import fasttune
-from conftest import hf_model
-from fasttune import builtin, synth, train
+from fasttune import train
 from fasttune.checkpoint import find_latest
 from fasttune.cli import main
 from fasttune.config import load_config
-from fasttune.data import write_jsonl
 from fasttune.packing import PackedSampler, TokenizedData, collate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A small corpus, a BPE trained on it, and a tiny random Qwen2 checkpoint with that vocabulary."""
-    root = tmp_path_factory.mktemp("train")
-    records = synth.generate(240, seed=3)
-    write_jsonl(root / "data.jsonl", records)
-    tok = builtin.train_tokenizer([r[k] for r in records for k in ("input", "output")], vocab_size=300)
-    model = hf_model("qwen2_tied", vocab_size=tok.vocab_size)
-    model.save_pretrained(root / "model")
-    tok.save(root / "model")
-    return root
 
 
 def config(setup, out, *overrides):
