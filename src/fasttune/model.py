@@ -237,8 +237,9 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window
         self.kernels = "torch"
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
-        """rope: (cos, sin) tables for the PyTorch path, (position_ids, inv_freq) for the Triton one."""
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
+        """rope: (cos, sin) tables for the PyTorch path, (position_ids, inv_freq) for the Triton one.
+        cache: this layer's slot of a KV cache (`fasttune.generate.KVCache`), or None when training."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_q, self.hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
@@ -249,6 +250,9 @@ class Attention(nn.Module):
             q, k = _triton().rope(q, k, *rope)  # in place, angles computed in the kernel
         else:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # generation: the cache stores k, v and attends to everything cached so far
+            o = cache.attend(q, k, v, scale=self.hd**-0.5)
+            return self.o_proj(o.reshape(B, T, self.n_q * self.hd))
         o = attention(
             q,
             k,
@@ -286,11 +290,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
         with region("norm"):  # regions: named in `fasttune profile` traces, no-ops otherwise
             h = self.input_layernorm(x)
         with region("attention"):
-            a = self.self_attn(h, rope, cu_seqlens, max_seqlen)
+            a = self.self_attn(h, rope, cu_seqlens, max_seqlen, cache)
         norm = self.post_attention_layernorm
         with region("norm"):
             if norm.kernels == "triton":  # the residual add fused into the norm: one pass over [T, H]
@@ -321,7 +325,7 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(self.rope_config).to(self.inv_freq.device)
         return self
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, cache=None):
         with region("embedding"):
             x = self.embed_tokens(input_ids)
         attention_backend(x.device, x.dtype)  # choose (and log) it here, outside any compiled block
@@ -331,8 +335,8 @@ class Decoder(nn.Module):
             rope = (position_ids, self.inv_freq)
         else:
             rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, cu_seqlens, max_seqlen)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cu_seqlens, max_seqlen, None if cache is None else cache.layers[i])
         with region("norm"):
             return self.norm(x)
 
@@ -379,17 +383,25 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
+    def forward(
+        self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, cache=None
+    ) -> torch.Tensor:
         """input_ids [B, T] -> hidden states [B, T, H] after the final norm.
 
         Packed batches: B = 1, `cu_seqlens` [N+1] (int32 offsets of the N sequences in the row) and
         `position_ids` restarting at 0 for each; attention never crosses a sequence boundary.
+
+        Generation: `cache` (a `fasttune.generate.KVCache`, whose `layers[i].attend(q, k, v, scale)` stores
+        layer i's keys and values and attends to all that is cached) with the real `position_ids` of the
+        new tokens; the cache decides which keys each query sees. None (the default) changes nothing.
         """
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(
                 f"packed input (cu_seqlens) needs batch size 1, got input_ids {tuple(input_ids.shape)}"
             )
-        return self.model(input_ids, position_ids, cu_seqlens, max_seqlen)
+        if cache is not None and position_ids is None:
+            raise ValueError("a KV cache needs position_ids: the real positions of the new tokens")
+        return self.model(input_ids, position_ids, cu_seqlens, max_seqlen, cache)
 
     def logits(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
         """Logits [B, T, V] in the model's dtype, as transformers computes them. Materialises [T, V]:
