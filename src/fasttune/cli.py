@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 from importlib import metadata
@@ -203,17 +204,21 @@ def run_command(args) -> int:
     if args.config is not None and "=" in str(args.config):  # `fasttune run key=value ...` with no file
         args.overrides.insert(0, str(args.config))
         args.config = None
-    cfg = config_mod.load_config(args.config, args.overrides)
+    cfg = config_mod.load_config(args.config, args.overrides)  # checked here, before any launch
+    if args.nproc > 1 and not (args.print_config or args.dry_run):
+        from fasttune import distributed
+
+        distributed.launch(args.nproc, _without_nproc(args.argv))  # does not return
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, nproc=args.nproc)
         return 0
     result = train.run(cfg, resume=args.resume)
     if result.stopped == "signal":
         return 0
-    if result.val_loss is not None:
+    if result.val_loss is not None and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"done: {result.step} steps, validation loss {result.val_loss:.4f}; "
             f"outputs in {result.output_dir}"
@@ -221,7 +226,20 @@ def run_command(args) -> int:
     return 0
 
 
-def dry_run(cfg) -> None:
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line for each launched process: the same, minus --nproc (and its value)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def dry_run(cfg, nproc: int = 1) -> None:
     """The model on the meta device, a few tokenized examples, parameter counts and a memory estimate."""
     from fasttune import builtin
     from fasttune.data import Example
@@ -315,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="a YAML config (default: the built-in tiny run)")
     run.add_argument("overrides", nargs="*", help="key=value or ~key (reset to the default)")
     run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes (GPUs) on this machine: N > 1 launches torchrun (default: %(default)s)",
+    )
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument(
         "--dry-run",
@@ -324,12 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     from fasttune import profile
 
     profile.add_subparser(sub)  # `fasttune profile`: its arguments and handler live in fasttune/profile.py
+    from fasttune import generate_cli
+
+    generate_cli.add_subparser(sub)  # `fasttune generate`: fasttune/generate_cli.py
+    from fasttune import eval_cli
+
+    eval_cli.add_subparser(sub)  # `fasttune eval`: fasttune/eval_cli.py
+    from fasttune import export
+
+    export.add_subparser(sub)  # `fasttune export`: fasttune/export.py
     bench = sub.add_parser(
         "bench", add_help=False, help="fasttune against the Hugging Face baseline (see fasttune bench --help)"
     )
     bench.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    args.argv = argv
     verbose = args.verbose or args.command == "run"  # a run says what it chose (backends, kernels, AdamW)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 speaks for all; the rest only warn
+        verbose = False
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     try:
         if args.command == "info":
@@ -340,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(args)
         elif args.command == "profile":
             return profile.command(args)
+        elif args.command == "generate":
+            return generate_cli.command(args)
+        elif args.command == "eval":
+            return eval_cli.command(args)
+        elif args.command == "export":
+            return export.command(args)
     except FasttuneError as e:
         print(f"fasttune: error: {e}", file=sys.stderr)
         return 2

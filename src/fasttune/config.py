@@ -24,7 +24,8 @@ import yaml
 
 from fasttune.errors import ConfigError
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
+STRATEGIES = ("auto", "ddp", "fsdp")
 KERNELS = ("auto", "triton", "torch")
 PRECISIONS = ("bf16", "bf16-pure", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -73,7 +74,7 @@ class LoraSettings:
 class RunConfig:
     model: str | None = None  # a Hugging Face folder; None: the built-in tiny Qwen2 trained from scratch
     output_dir: str = "out/run"
-    method: str = "full"  # full | lora
+    method: str = "full"  # full | lora | qlora (NF4 base via bitsandbytes)
     seed: int = 0
     kernels: str = "auto"  # auto (Triton on CUDA, else PyTorch) | triton | torch; the choice is logged
     precision: str = "bf16"  # bf16: fp32 master weights, bf16 compute | bf16-pure | fp32
@@ -89,6 +90,8 @@ class RunConfig:
     nonfinite_skips: int = 0  # non-finite loss or gradient: 0 stops; K skips up to K such steps
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block
+    strategy: str = "auto"  # several processes: auto (DDP if the model fits per GPU, else FSDP) | ddp | fsdp
+    cpu_offload: bool = False  # FSDP: parameters, gradients and optimizer states live on the host
     log_every: int = 10  # plain log lines (metrics.jsonl gets every step)
     tensorboard: bool = False
     samples: int = 3  # generated examples printed at the end
@@ -250,6 +253,12 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config: {message}")
 
     need(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if cfg.method == "qlora":  # found without importing it (importing bitsandbytes takes a second)
+        from fasttune.qlora import INSTALL_HINT, bitsandbytes_missing
+
+        missing = bitsandbytes_missing()
+        need(missing is None, f"method qlora needs bitsandbytes ({missing}): {INSTALL_HINT}")
+    need(cfg.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
     need(cfg.kernels in KERNELS, f"kernels must be one of {', '.join(KERNELS)}, got {cfg.kernels!r}")
     need(
         cfg.precision in PRECISIONS,

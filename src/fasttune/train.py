@@ -10,6 +10,15 @@ stops the run with the last good checkpoint untouched (or skips the step, up to 
 SIGTERM and SIGINT set a flag; the current step finishes, a checkpoint is written and the run returns
 with `stopped="signal"`. Resuming restores model, optimizer, scheduler, sampler position and RNG states,
 so the resumed run's losses are those the uninterrupted run would have had.
+
+Under torchrun (N processes) the loop is the same with three changes. Data: every rank draws the same
+global sequence of packed micro-batches (same seed) and takes every N-th, so the ranks see disjoint data
+with the same token budget; `tokens_per_step` is the global batch (accumulation = tokens_per_step /
+(micro_batch_tokens x N)), and the number of target tokens of the whole global step, which every rank
+can count on the host from the bins it drew, normalises the loss. Agreement: one all-reduce per step
+carries the summed loss and each rank's stop flag, so a signal on any rank stops every rank at the same
+step boundary, after the same checkpoint. Files: rank 0 prepares data and writes logs and exports; the
+checkpoint is written by all ranks together (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -27,14 +36,15 @@ from pathlib import Path
 
 import torch
 
-from fasttune import builtin, corpus, synth
+from fasttune import builtin, corpus, distributed, synth
 from fasttune.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from fasttune.config import RunConfig
 from fasttune.data import Source, write_jsonl
+from fasttune.distributed import SINGLE, Dist, all_reduce_sum, barrier
 from fasttune.errors import FasttuneError
 from fasttune.generate import greedy_nocache
 from fasttune.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
-from fasttune.model import CausalLM
+from fasttune.model import CausalLM, rope_inv_freq
 from fasttune.packing import (
     Batch,
     PackedSampler,
@@ -43,10 +53,10 @@ from fasttune.packing import (
     collate,
     tokenizer_fingerprint,
 )
-from fasttune.parallelize import parallelize
+from fasttune.parallelize import Parallel, choose_strategy, init_lora_sharded, parallelize, shard_fsdp
 from fasttune.profile import region
 from fasttune.tokenizer import Tokenizer, load_tokenizer
-from fasttune.weights import load_model, parse_dtype, save_model
+from fasttune.weights import check_checkpoint, load_model, load_sharded, parse_dtype, save_model
 
 log = logging.getLogger("fasttune")
 
@@ -128,7 +138,13 @@ def prepare_data(cfg: RunConfig, tokenizer: Tokenizer, out: Path, corpus_file: P
     return {s: TokenizedData.load(data_dir / "tokenized" / s) for s in ("train", "val", "test")}
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out: Path) -> CausalLM:
+def build_model(
+    cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out: Path, is_main: bool = True
+) -> CausalLM:
+    if cfg.method == "qlora":  # NF4 base quantised layer by layer as it is read, fp32 adapters (qlora.py)
+        from fasttune.qlora import build_for_run
+
+        return build_for_run(cfg, tokenizer, device, out)
     pure = cfg.precision == "bf16-pure"
     lora_base_bf16 = cfg.method == "lora" and cfg.precision != "fp32"
     # Full fine-tunes keep fp32 master weights unless pure bf16; LoRA's frozen base can be bf16 at once.
@@ -137,7 +153,7 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out:
         model = load_model(cfg.model, dtype=dtype, device=device)
     else:
         model = builtin.tiny_model(tokenizer, cfg.seed).to(device=device, dtype=dtype)
-        if cfg.method == "lora":  # this base exists only in this run: the adapter needs it saved
+        if cfg.method == "lora" and is_main:  # this base exists only in this run: the adapter needs it
             save_model(model, out / "base_model", tokenizer=tokenizer)
     if cfg.method == "lora":
         from fasttune.lora import LoraConfig, apply_lora
@@ -147,8 +163,73 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out:
         )
         log.info("LoRA r=%d alpha=%g on %d modules", cfg.lora.r, cfg.lora.alpha, len(targets))
     model.set_kernels(cfg.kernels, device)  # after LoRA, so the adapters follow the choice too
-    parallelize(model, cfg.activation_checkpointing, cfg.compile)
     return model
+
+
+def _lora_config(cfg: RunConfig):
+    from fasttune.lora import LoraConfig
+
+    return LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+
+
+def _meta_model(cfg: RunConfig) -> CausalLM:
+    """The model's structure with no storage (for sizes, and for the sharded load), in training dtypes."""
+    model = check_checkpoint(cfg.model).meta_model
+    if cfg.precision == "bf16-pure" or (cfg.method != "full" and cfg.precision != "fp32"):
+        model = model.to(torch.bfloat16)
+    if cfg.method != "full":
+        from fasttune.lora import apply_lora
+
+        apply_lora(model, _lora_config(cfg))
+    return model
+
+
+def build_sharded_model(cfg: RunConfig, device: torch.device, env: Dist) -> CausalLM:
+    """FSDP from a checkpoint folder without ever holding the whole model on one rank: the structure is
+    built on the meta device and sharded, each rank allocates only its shards, and each rank reads only
+    its slices of the safetensors files (weights.load_sharded). LoRA adapters are initialised as in one
+    process (same seed, same values) and then sharded."""
+    model = _meta_model(cfg)
+    shard_fsdp(model, device, cfg.precision, cfg.cpu_offload, env.world_size)
+    model.to_empty(device=device)  # also recomputes RoPE's fp32 frequencies (Decoder._apply)
+    load_sharded(model, cfg.model)
+    if cfg.method != "full":
+        init_lora_sharded(model)
+    model.set_kernels(cfg.kernels, device)
+    return model
+
+
+def build_parallel(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, out: Path, env: Dist):
+    """The model on this rank, with the strategy (single, ddp or fsdp) applied."""
+    sharded = False
+    if env.enabled and cfg.method == "qlora":
+        raise FasttuneError("method qlora runs in one process: launch it without torchrun / --nproc")
+    if cfg.model is None:  # the built-in tiny model: every rank builds the same one from the seed
+        model = build_model(cfg, tokenizer, device, out, env.is_main)
+        strategy = choose_strategy(cfg.strategy, model, device, cfg.precision, env)
+    else:
+        strategy = (
+            choose_strategy(cfg.strategy, _meta_model(cfg), device, cfg.precision, env)
+            if env.enabled
+            else "single"
+        )
+        if strategy == "fsdp":
+            model, sharded = build_sharded_model(cfg, device, env), True
+        else:
+            model = build_model(cfg, tokenizer, device, out, env.is_main)
+    if env.enabled and env.rank > 0:  # the model is identical on every rank; dropout streams are not
+        torch.manual_seed(cfg.seed * 1_000_003 + env.rank)
+    return parallelize(
+        model,
+        cfg.activation_checkpointing,
+        cfg.compile,
+        dist=env,
+        strategy=strategy,
+        precision=cfg.precision,
+        cpu_offload=cfg.cpu_offload,
+        device=device,
+        sharded=sharded,
+    )
 
 
 def build_optimizer(cfg: RunConfig, model: CausalLM, device: torch.device, total_steps: int):
@@ -184,29 +265,51 @@ def build_optimizer(cfg: RunConfig, model: CausalLM, device: torch.device, total
 # The loop
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    if cfg.precision == "bf16":
+def _autocast(cfg: RunConfig, device: torch.device, par: Parallel | None = None):
+    if cfg.precision == "bf16" and not (par is not None and par.fsdp_mixed_precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _loss(model: CausalLM, b: Batch) -> torch.Tensor:
+def _loss(model: CausalLM | Parallel, b: Batch) -> torch.Tensor:
     return model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
 
 
+def count_targets(data: TokenizedData, bin_: list[int]) -> int:
+    """The trained tokens of a bin, as `collate` would count them, without building it."""
+    return sum(int(data.sequence(i)[1][1:].sum()) for i in bin_)
+
+
 @torch.no_grad()
-def evaluate(model: CausalLM, data: TokenizedData, cfg: RunConfig, device: torch.device) -> float | None:
-    """Mean cross-entropy over every target token of `data` (packed as in training)."""
+def evaluate(
+    model: CausalLM,
+    data: TokenizedData,
+    cfg: RunConfig,
+    device: torch.device,
+    env: Dist = SINGLE,
+    par: Parallel | None = None,
+) -> float | None:
+    """Mean cross-entropy over every target token of `data` (packed as in training). Under several
+    processes each rank takes every N-th bin; a rank short of bins runs its first one again with weight 0,
+    since under FSDP every rank must join every forward pass."""
     if len(data) == 0:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for bin_ in PackedSampler(data.lengths, cfg.micro_batch_tokens, seed=cfg.seed).bins():
-        b = collate(data, bin_, pad_to=cfg.micro_batch_tokens).to(device)
-        with _autocast(cfg, device):
-            total += _loss(model, b).float().item() * b.num_targets
-        count += b.num_targets
+    bins = PackedSampler(data.lengths, cfg.micro_batch_tokens, seed=cfg.seed).bins()
+    for first in range(0, len(bins), env.world_size):
+        j = first + env.rank
+        b = collate(data, bins[j if j < len(bins) else env.rank % len(bins)], pad_to=cfg.micro_batch_tokens)
+        b = b.to(device)
+        with _autocast(cfg, device, par):
+            loss = _loss(model, b).float().item()
+        if j < len(bins):
+            total += loss * b.num_targets
+            count += b.num_targets
+    if env.enabled:
+        both = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
+        total, count = float(both[0]), int(both[1])
     model.train(was_training)
     return total / count
 
@@ -237,44 +340,97 @@ def _micro_batches(sampler: PackedSampler):
         yield from sampler
 
 
-def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
-    """Train as `cfg` says. `on_step(step, record)` is called after each optimizer step (tests use it)."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+class _NoMetrics:
+    """Ranks other than 0 log nothing."""
 
+    def step(self, record):
+        pass
+
+    def drop_after(self, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def _prepare_inputs(cfg: RunConfig, out: Path, env: Dist):
+    """Corpus, tokenizer and tokenized data: written by rank 0, then read by every rank."""
     corpus_file = None
     if not cfg.data.files:
         corpus_file = out / "data" / "proverbs.jsonl"
-        if not corpus_file.exists():
+        if env.is_main and not corpus_file.exists():
             write_jsonl(corpus_file, synth.generate(cfg.data.synth_n, cfg.seed))
-    tokenizer = build_tokenizer(cfg, out, corpus_file)
-    data = prepare_data(cfg, tokenizer, out, corpus_file)
-    model = build_model(cfg, tokenizer, device, out)
+    if env.is_main:
+        tokenizer = build_tokenizer(cfg, out, corpus_file)
+        data = prepare_data(cfg, tokenizer, out, corpus_file)
+    barrier()
+    if not env.is_main:
+        tokenizer = build_tokenizer(cfg, out, corpus_file)  # the saved one: rank 0 trained it
+        data = {s: TokenizedData.load(out / "data" / "tokenized" / s) for s in ("train", "val", "test")}
+    return tokenizer, data
+
+
+def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
+    """Train as `cfg` says. `on_step(step, record)` is called after each optimizer step (tests use it).
+    Under torchrun every rank calls this; rank 0's result carries the exports and samples."""
+    out = Path(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    env = distributed.init(device)
+    if env.enabled and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    try:
+        return _run(cfg, resume, on_step, out, device, env)
+    finally:
+        if env.enabled:
+            distributed.shutdown()
+
+
+def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device, env: Dist) -> RunResult:
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(cfg.seed)
+    tokenizer, data = _prepare_inputs(cfg, out, env)
+    par = build_parallel(cfg, tokenizer, device, out, env)
+    model = par.model
     model.train()
 
     train = data["train"]
     sampler = PackedSampler(train.lengths, cfg.micro_batch_tokens, seed=cfg.seed, weights=train.weight)
-    accumulate = math.ceil((cfg.tokens_per_step or cfg.micro_batch_tokens) / cfg.micro_batch_tokens)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(sampler) / accumulate))
+    W = env.world_size
+    accumulate = math.ceil((cfg.tokens_per_step or cfg.micro_batch_tokens) / (cfg.micro_batch_tokens * W))
+    per_step = accumulate * W  # micro-batches in one optimizer step, over all ranks
+    if env.is_main and cfg.tokens_per_step and cfg.tokens_per_step != per_step * cfg.micro_batch_tokens:
+        log.info(
+            "tokens_per_step %d is not a multiple of micro_batch_tokens x %d processes: each step takes %d "
+            "micro-batches of %d tokens",
+            cfg.tokens_per_step,
+            W,
+            per_step,
+            cfg.micro_batch_tokens,
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(sampler) / per_step))
     optimizer, scheduler = build_optimizer(cfg, model, device, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fpt = flops_per_token(model, float(train.lengths.mean()), lora=cfg.method == "lora")
+    fpt = flops_per_token(model, float(train.lengths.mean()), lora=cfg.method != "full")
     peak = peak_flops(device)
 
     step, best_val, bad_evals, skips, result = 0, math.inf, 0, 0, RunResult(out, 0, "done")
-    metrics = MetricsLog(out, total_steps, cfg.log_every, cfg.tensorboard, resume=resume)
+    metrics = (
+        MetricsLog(out, total_steps, cfg.log_every, cfg.tensorboard, resume=resume)
+        if env.is_main
+        else (_NoMetrics())
+    )
     if resume:
         ckpt, why = find_latest(out)
         if ckpt is None:
             raise FasttuneError(f"--resume: {why}")
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, dist=env)
         sampler.load_state_dict(meta["sampler"])
         step, best_val, bad_evals, skips = meta["step"], meta["best_val"], meta["bad_evals"], meta["skips"]
         metrics.drop_after(step)
-        print(f"resuming from {why}, step {step}", flush=True)
+        if env.is_main:
+            print(f"resuming from {why}, step {step}", flush=True)
     last_saved = step if resume else None
 
     def save() -> Path:
@@ -289,26 +445,44 @@ def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
             sampler_state=sampler.state_dict(),
             meta=meta,
             keep=cfg.keep_checkpoints,
+            dist=env,
         )
         last_saved = step
         return path
 
     batches = _micro_batches(sampler)
+    stop_signal = None
     with _StopFlag() as stop:
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [collate(train, next(batches), pad_to=cfg.micro_batch_tokens) for _ in range(accumulate)]
-            n_targets = sum(b.num_targets for b in micro)
+            bins = [next(batches) for _ in range(per_step)]
+            micro = [
+                collate(train, bins[i], pad_to=cfg.micro_batch_tokens) for i in range(env.rank, per_step, W)
+            ]
+            if env.enabled:  # the whole step's targets and tokens, counted on the host: no collective
+                n_targets = sum(count_targets(train, b) for b in bins)
+                tokens = int(sum(train.lengths[i] for b in bins for i in b))
+            else:
+                n_targets = sum(b.num_targets for b in micro)
+                tokens = sum(b.num_tokens for b in micro)
             loss_sum = torch.zeros((), device=device)
-            for b in micro:
+            for k, b in enumerate(micro):
                 b = b.to(device)
-                with _autocast(cfg, device):
-                    loss = _loss(model, b)
-                (loss * (b.num_targets / n_targets)).backward()
+                with par.gradient_sync(k == len(micro) - 1), _autocast(cfg, device, par):
+                    loss = _loss(par, b)
+                    # DDP and FSDP average gradients over ranks: x W makes it the global sum
+                    (loss * (b.num_targets / n_targets * W)).backward()
                 loss_sum += loss.detach().float() * b.num_targets
+            if env.enabled:  # one all-reduce: the step's summed loss, and whether any rank was signalled
+                agreed = all_reduce_sum(
+                    torch.stack([loss_sum, torch.tensor(float(bool(stop.signal)), device=device)])
+                )
+                loss_sum = agreed[0]
+                if agreed[1].item() > 0:
+                    stop_signal = stop.signal or "a signal on another rank"
             step_loss = (loss_sum / n_targets).item()
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+            grad_norm = par.clip_grad_norm(trainable, clip)
             step += 1
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 what = f"loss {step_loss}, gradient norm {grad_norm}"
@@ -341,7 +515,6 @@ def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t0
-            tokens = sum(b.num_tokens for b in micro)
             record = {
                 "step": step,
                 "loss": step_loss,
@@ -350,12 +523,12 @@ def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
                 "tokens": tokens,
                 "targets": n_targets,
                 "tokens_per_s": tokens / seconds,
-                "mfu": tokens / seconds * fpt / peak if peak else None,
+                "mfu": tokens / seconds * fpt / (peak * W) if peak else None,
                 "memory_gib": peak_memory_gib(device),
             }
             result.losses.append(step_loss)
             if step % cfg.eval_every == 0 or step == total_steps:
-                val = evaluate(model, data["val"], cfg, device)
+                val = evaluate(model, data["val"], cfg, device, env, par)
                 if val is not None:
                     record.update(val_loss=val, val_ppl=math.exp(min(val, 50)))
                     result.val_loss = val
@@ -374,7 +547,9 @@ def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
                     bad_evals,
                 )
                 break
-            if stop.signal:
+            if not env.enabled:  # one process: a signal during this step stops it now
+                stop_signal = stop.signal
+            if stop_signal:
                 result.stopped = "signal"
                 break
             if step % cfg.save_every == 0:
@@ -384,30 +559,66 @@ def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
     if last_saved != step:
         save()
     if result.stopped == "signal":
-        print(
-            f"\nstopped by {stop.signal} after step {step}; checkpoint "
-            f"{out / 'checkpoints'}/step-{step:08d}. Resume with the same command and --resume.",
-            flush=True,
-        )
+        if env.is_main:
+            print(
+                f"\nstopped by {stop_signal} after step {step}; checkpoint "
+                f"{out / 'checkpoints'}/step-{step:08d}. Resume with the same command and --resume.",
+                flush=True,
+            )
         return result
-    _finish(cfg, model, tokenizer, data, device, out, result)
+    result.test_loss = evaluate(model, data["test"], cfg, device, env, par)
+    final = consolidate(par, env, cfg)  # the whole model on rank 0 (FSDP gathers it to host memory)
+    if env.is_main:
+        _finish(cfg, final, tokenizer, data, next(final.parameters()).device, out, result)
     return result
 
 
+def consolidate(par: Parallel, env: Dist, cfg: RunConfig) -> CausalLM | None:
+    """The unsharded model for export: the model itself for one process or DDP; under FSDP every rank
+    sends its shards and rank 0 assembles a full copy in host memory (others get None)."""
+    if par.strategy != "fsdp":
+        return par.model if env.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_state = get_model_state_dict(
+        par.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not env.is_main:
+        return None
+    with torch.device("meta"):
+        full = CausalLM(par.model.config)
+        if cfg.method != "full":
+            from fasttune.lora import apply_lora
+
+            apply_lora(full, _lora_config(cfg))
+    full.load_state_dict(full_state, assign=True)
+    full.tie_weights()
+    full.model.inv_freq = rope_inv_freq(full.model.rope_config)  # a buffer not in the state dict
+    for attr in ("source_path", "generation_config"):
+        if hasattr(par.model, attr):
+            setattr(full, attr, getattr(par.model, attr))
+    full.set_kernels("torch", torch.device("cpu"))
+    return full
+
+
 def _finish(cfg, model, tokenizer, data, device, out: Path, result: RunResult) -> None:
-    """Test loss, the exported model, a few samples."""
-    result.test_loss = evaluate(model, data["test"], cfg, device)
+    """Test loss (computed by every rank before), the exported model, a few samples. Rank 0 only."""
     if result.test_loss is not None:
         print(f"test loss {result.test_loss:.4f} (perplexity {math.exp(min(result.test_loss, 50)):.2f})")
     save_dtype = parse_dtype(model.config.hf.get("dtype") or model.config.hf.get("torch_dtype") or "float32")
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         from fasttune.lora import merge_lora, save_adapter
 
         base = cfg.model or str(out / "base_model")
         save_adapter(model, out / "adapter", base_model_path=str(Path(base).resolve()))
         tokenizer.save(out / "adapter")
         print(f"adapter: {out / 'adapter'} (PEFT format, base {base})")
-        if cfg.lora.merge:
+        if cfg.lora.merge and cfg.method == "qlora":  # into the bf16 base read fresh, not the NF4 one
+            from fasttune.qlora import merge_into_base
+
+            merge_into_base(base, out / "adapter", out / "merged", tokenizer=tokenizer, dtype=save_dtype)
+            print(f"merged model: {out / 'merged'} (adapter merged into the unquantised base)")
+        elif cfg.lora.merge:
             merge_lora(model)
             save_model(model, out / "merged", tokenizer=tokenizer, dtype=save_dtype)
             print(f"merged model: {out / 'merged'}")

@@ -454,3 +454,24 @@ def _move_into(tmp: Path, folder: Path, keep: set[str]) -> None:
         stale = old.name == INDEX_FILE or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", old.name)
         if stale and old.name not in keep:
             old.unlink()
+
+
+def load_sharded(model: CausalLM, path: str | os.PathLike) -> None:
+    """Fill a model whose parameters are FSDP shards (DTensors) from a Hugging Face folder: every rank
+    reads only the slices it holds, through torch.distributed.checkpoint's safetensors reader, converting
+    the stored dtype to the parameter's. Names are HF names; LoRA adapters (not in the folder) are left
+    for the caller. The folder is validated first, as `load_model` does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    plan = check_checkpoint(path)
+    # LoRA wraps a linear: its frozen weight is `<name>.base_layer.weight`, the folder has `<name>.weight`
+    state = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if "lora_" not in n}
+    missing = sorted(set(state) - set(plan.location))
+    if missing:
+        raise CheckpointError(f"{plan.folder}: no tensor for {_names(missing)}")
+    with torch.no_grad():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(plan.folder)))
+    model.source_path = str(plan.folder)
+    model.generation_config = _read_generation_config(plan.folder)
+    log.info("loaded %s shard by shard (%.1fM parameters)", plan.folder, plan.num_parameters / 1e6)
