@@ -49,7 +49,7 @@ def test_yaml_sections_leaf_names_and_resets(tmp_path):
         (["max_steps=many"], "max_steps must be int, got 'many'"),
         (["lr=yes"], "optim.lr must be float, got True"),
         (["betas=0.9"], "optim.betas must be a list"),
-        (["method=dpo"], "method must be one of full, lora, got 'dpo'"),
+        (["method=dpo"], "method must be one of full, lora, qlora, got 'dpo'"),
         (["precision=fp8"], "precision must be one of"),
         (["data.files=[missing.jsonl]"], "data.files: missing.jsonl not found"),
         (["warmup=1.5"], "optim.warmup is a fraction"),

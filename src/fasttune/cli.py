@@ -204,6 +204,10 @@ def run_command(args) -> int:
     if args.config is not None and "=" in str(args.config):  # `fasttune run key=value ...` with no file
         args.overrides.insert(0, str(args.config))
         args.config = None
+    if (args.gpu or args.shape) and not args.dry_run:
+        raise FasttuneError("--gpu and --shape choose what --dry-run plans; a run uses its own GPU and model")
+    if args.shape:  # plan a named shape: the config's model folder is neither read nor needed
+        args.overrides.append("~model")
     cfg = config_mod.load_config(args.config, args.overrides)  # checked here, before any launch
     if args.nproc > 1 and not (args.print_config or args.dry_run):
         from fasttune import distributed
@@ -213,7 +217,7 @@ def run_command(args) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if args.dry_run:
-        dry_run(cfg, nproc=args.nproc)
+        dry_run(cfg, nproc=args.nproc, gpu=args.gpu, shape=args.shape)
         return 0
     result = train.run(cfg, resume=args.resume)
     if result.stopped == "signal":
@@ -239,8 +243,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def dry_run(cfg, nproc: int = 1) -> None:
-    """The model on the meta device, a few tokenized examples, parameter counts and a memory estimate."""
+def dry_run(cfg, nproc: int = 1, gpu: str | None = None, shape: str | None = None) -> None:
+    """The model on the meta device, a few tokenized examples, parameter counts and the plan (memory per
+    GPU, time per epoch: fasttune/plan.py) for `gpu` (default: the one here, else an RTX 4090). `shape`:
+    a named shape (qwen2.5-7b, ...) planned without weights, rendered with the bundled Qwen2.5 tokenizer."""
     from fasttune import builtin
     from fasttune.data import Example
     from fasttune.model import CausalLM, ModelConfig
@@ -257,7 +263,11 @@ def dry_run(cfg, nproc: int = 1) -> None:
     else:
         examples, _ = read_sources([Source(cfg.data.files[0], cfg.data.format)])
         examples = examples[:64]
-    if cfg.model is not None:
+    if shape is not None:
+        from fasttune.plan import resolve_model
+
+        tok, (mcfg, _) = fasttune.tokenizer.builtin_tokenizer(), resolve_model(shape)
+    elif cfg.model is not None:
         tok, mcfg = fasttune.load_tokenizer(cfg.model), read_config(cfg.model)
     else:
         tok = builtin.train_tokenizer([m["content"] for e in examples for m in e.messages], vocab_size=512)
@@ -275,7 +285,7 @@ def dry_run(cfg, nproc: int = 1) -> None:
         model = CausalLM(mcfg)
     total = model.num_parameters()
     trainable = total
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         from fasttune.lora import LoraConfig, apply_lora, count_parameters
 
         apply_lora(model, LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets)))
@@ -284,16 +294,15 @@ def dry_run(cfg, nproc: int = 1) -> None:
         f"model: {mcfg.model_type}, {total / 1e6:.1f}M parameters, "
         f"{trainable / 1e6:.2f}M trainable ({cfg.method})"
     )
-    # bytes per parameter: weights (fp32 master or bf16), gradients of the trainable ones, AdamW's two states
-    weight_bytes = 4 if cfg.precision in ("fp32", "bf16") and cfg.method == "full" else 2
-    weights = total * (4 if cfg.precision == "fp32" else weight_bytes)
-    grads = trainable * (2 if cfg.precision == "bf16-pure" else 4)
-    adam = trainable * (4 if cfg.precision == "bf16-pure" else 8)
-    print(
-        f"memory estimate: weights {weights / 2**30:.2f} GiB, gradients {grads / 2**30:.2f} GiB, "
-        f"AdamW states {adam / 2**30:.2f} GiB, "
-        f"total before activations {(weights + grads + adam) / 2**30:.2f} GiB"
-    )
+    from fasttune.plan import plan_for_run
+
+    n = cfg.data.synth_n  # examples per epoch: the built-in corpus, or every file's count x its weight
+    if cfg.data.files:
+        weights = cfg.data.weights or [1.0] * len(cfg.data.files)
+        counts = [len(read_sources([Source(f, cfg.data.format)])[0]) for f in cfg.data.files]
+        n = sum(c * w for c, w in zip(counts, weights, strict=True))
+    name = shape or (Path(cfg.model).name if cfg.model else "built-in tiny Qwen2")
+    print(plan_for_run(cfg, mcfg, name, nproc, gpu, float(data.lengths.mean()), round(n)))
 
 
 def bench_command(args: list[str]) -> int:
@@ -341,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         help="processes (GPUs) on this machine: N > 1 launches torchrun (default: %(default)s)",
     )
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--gpu", help="with --dry-run: plan for this GPU (fasttune plan --help lists them)")
+    run.add_argument("--shape", help="with --dry-run: plan a named shape (e.g. qwen2.5-7b) without weights")
     run.add_argument(
         "--dry-run",
         action="store_true",
@@ -358,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     from fasttune import export
 
     export.add_subparser(sub)  # `fasttune export`: fasttune/export.py
+    from fasttune import plan
+
+    plan.add_subparser(sub)  # `fasttune plan`: fasttune/plan.py
     bench = sub.add_parser(
         "bench", add_help=False, help="fasttune against the Hugging Face baseline (see fasttune bench --help)"
     )
@@ -383,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             return eval_cli.command(args)
         elif args.command == "export":
             return export.command(args)
+        elif args.command == "plan":
+            return plan.command(args)
     except FasttuneError as e:
         print(f"fasttune: error: {e}", file=sys.stderr)
         return 2

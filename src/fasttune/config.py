@@ -95,6 +95,7 @@ class RunConfig:
     log_every: int = 10  # plain log lines (metrics.jsonl gets every step)
     tensorboard: bool = False
     samples: int = 3  # generated examples printed at the end
+    eval_examples: int = 200  # test prompts generated for at the end, with their metrics in eval.json
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -293,6 +294,7 @@ def validate(cfg: RunConfig) -> None:
         need(getattr(cfg, key) > 0, f"{key} must be positive, got {getattr(cfg, key)}")
     need(cfg.keep_checkpoints >= 2, f"keep_checkpoints must be at least 2, got {cfg.keep_checkpoints}")
     need(cfg.nonfinite_skips >= 0, "nonfinite_skips must be >= 0")
+    need(cfg.samples >= 0 and cfg.eval_examples >= 0, "samples and eval_examples must be >= 0")
     need(
         cfg.data.weights is None or len(cfg.data.weights) == len(cfg.data.files),
         f"data.weights has {len(cfg.data.weights or [])} value(s) for {len(cfg.data.files)} file(s)",

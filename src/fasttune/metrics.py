@@ -53,6 +53,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 def matmul_parameters(model: CausalLM) -> int:
     n = sum(p.numel() for p in model.parameters())
+    # QLoRA's NF4 weights are buffers, not parameters: count the weights they stand for (qlora.NF4Linear)
+    n += sum(getattr(m, "nf4_weight_numel", 0) for m in model.modules())
     if not model.config.tie_word_embeddings:
         n -= model.model.embed_tokens.weight.numel()
     return n
