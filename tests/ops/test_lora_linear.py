@@ -311,3 +311,35 @@ def test_no_tokens():
     assert y.shape == (0, weight.shape[0])
     y.sum().backward()
     assert x0.grad.shape == x0.shape and torch.equal(A.grad, torch.zeros_like(A))
+
+
+def test_under_autocast_it_is_the_op_on_cast_inputs():
+    """Inside torch.autocast (the loop's precision=bf16) the op is what it is on inputs cast as nn.Linear
+    casts them: x, W and b in the autocast dtype, the adapters fp32; the backward, also run under
+    autocast, re-casts nothing (it once failed there: fp32 adapters against a re-cast bf16 operand).
+    fp16 autocast on the CPU: the interpreter's bf16 tl.dot is wrong (TOOLCHAIN.md)."""
+    module, x, dy = _lora_module(SHAPES["npot"], torch.float32, True, 0.0, DEVICE)
+    W, b = module.base_layer.weight, module.base_layer.bias
+    A, B = module.lora_A.weight, module.lora_B.weight
+    h = torch.float16
+
+    def run(autocast: bool):
+        xi = x.detach().clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=h, enabled=autocast):
+            y = lora_linear(
+                xi if autocast else xi.to(h),
+                W if autocast else W.to(h),
+                b if autocast else b.to(h),
+                A,
+                B,
+                module.scaling,
+            )
+            y.backward(dy.to(h))
+        out = (y.detach(), xi.grad.clone(), A.grad.clone(), B.grad.clone())
+        A.grad = B.grad = None
+        return out
+
+    under, cast = run(True), run(False)
+    assert under[0].dtype == h
+    for name, u, c in zip(("y", "dx", "dA", "dB"), under, cast, strict=True):
+        assert torch.equal(u, c), name

@@ -296,6 +296,11 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):  # a backward under autocast: no re-casting
+            return LoraLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, weight, lora_A, lora_B, xa, mask2 = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
@@ -347,6 +352,12 @@ def lora_linear(
     only) is drawn with `generator` when `training`. The base weight and bias must be frozen: they get no
     gradient, so one that requires grad is refused rather than silently left untrained.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # As nn.Linear under autocast: the base GEMM's operands in the autocast dtype. The adapters stay
+        # fp32 (the op's contract) and the Function runs with autocast off, so nothing is re-cast inside.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     tensors = [t for t in (x, weight, bias, lora_A, lora_B) if t is not None]
     check_triton(*tensors, op="lora_linear")
     out_features, in_features = weight.shape
@@ -375,5 +386,8 @@ def lora_linear(
     mask = lora_dropout_mask(x.shape, dropout_p, x.device, generator) if training and dropout_p > 0 else None
     x2 = x.reshape(-1, in_features)
     mask2 = mask.reshape(-1, in_features) if mask is not None else None
-    y = LoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), mask2, float(dropout_p))
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoraLinearFunction.apply(
+            x2, weight, bias, lora_A, lora_B, float(scaling), mask2, float(dropout_p)
+        )
     return y.view(*x.shape[:-1], out_features)
