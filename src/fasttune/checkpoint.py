@@ -248,8 +248,8 @@ def load_checkpoint(folder: str | os.PathLike, *, model, optimizer, scheduler, d
         torch.manual_seed(hash((meta["step"], dist.rank)) % 2**63)
     if saved_world != dist.world_size and dist.is_main:
         log.info(
-            "checkpoint written by %d process(es), resumed in %d: parameters, optimizer state and the sampler "
-            "position carry over%s",
+            "checkpoint written by %d process(es), resumed in %d: parameters, optimizer state and the "
+            "sampler position carry over%s",
             saved_world,
             dist.world_size,
             "; the random streams (LoRA dropout) of the added ranks start fresh"

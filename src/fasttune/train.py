@@ -42,7 +42,6 @@ from fasttune.config import RunConfig
 from fasttune.data import Source, write_jsonl
 from fasttune.distributed import SINGLE, Dist, all_reduce_sum, barrier
 from fasttune.errors import FasttuneError
-from fasttune.generate import greedy_nocache
 from fasttune.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
 from fasttune.model import CausalLM, rope_inv_freq
 from fasttune.packing import (
@@ -468,8 +467,9 @@ def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device,
             loss_sum = torch.zeros((), device=device)
             for k, b in enumerate(micro):
                 b = b.to(device)
-                with par.gradient_sync(k == len(micro) - 1), _autocast(cfg, device, par):
-                    loss = _loss(par, b)
+                with par.gradient_sync(k == len(micro) - 1):  # DDP: all-reduce on the last one only
+                    with _autocast(cfg, device, par):
+                        loss = _loss(par, b)
                     # DDP and FSDP average gradients over ranks: x W makes it the global sum
                     (loss * (b.num_targets / n_targets * W)).backward()
                 loss_sum += loss.detach().float() * b.num_targets
@@ -625,14 +625,39 @@ def _finish(cfg, model, tokenizer, data, device, out: Path, result: RunResult) -
     else:
         save_model(model, out / "model", tokenizer=tokenizer, dtype=save_dtype)
         print(f"model: {out / 'model'} (Hugging Face format)")
-    test = data["test"]
-    model.eval()
-    for i in range(min(cfg.samples, len(test))):
-        ids, mask = test.sequence(i)
-        first = int(mask.argmax())  # the first response token: the prompt ends just before it
-        prompt = [int(t) for t in ids[:first]]
-        new = greedy_nocache(model, prompt, 40, tokenizer.stop_token_ids)
-        said = tokenizer.decode([t for t in new if t not in tokenizer.stop_token_ids]).strip()
-        asked = tokenizer.decode(prompt).split("<|im_start|>user\n")[-1].split("<|im_end|>")[0].strip()
-        result.samples.append((asked, said))
-        print(f"  {asked}\n    -> {said}")
+    if len(data["test"]) and (cfg.samples or cfg.eval_examples):
+        _report(cfg, model, tokenizer, out, result)
+
+
+def _report(cfg, model, tokenizer, out: Path, result: RunResult) -> None:
+    """Generations for the test prompts (KV-cache greedy) and their metrics in OUT/eval.json; the first
+    `samples` are printed."""
+    from fasttune.evaluate import evaluate_run
+
+    report = evaluate_run(
+        model,
+        tokenizer,
+        out / "data",
+        micro_batch_tokens=cfg.micro_batch_tokens,
+        autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+        max_examples=max(cfg.eval_examples, cfg.samples),
+        max_new_tokens=64,
+        seed=cfg.seed,
+        out=out / "eval.json",
+    )
+    m = report["metrics"]
+    cover = m.get("template_coverage")
+    print(
+        f"evaluation on {m['examples']} test prompts ({out / 'eval.json'}): "
+        f"distinct-1 {m['distinct_1']:.3f}, distinct-2 {m['distinct_2']:.3f}, "
+        f"mean length {m['mean_tokens']:.1f} tokens, "
+        f"memorised {m['memorised']:.1%}"
+        + (
+            f", template coverage {cover['coverage']:.1%}"
+            if isinstance(cover, dict) and cover.get("coverage") is not None
+            else ""
+        )
+    )
+    for g in report["generations"][: cfg.samples]:
+        result.samples.append((g["instruction"], g["generation"]))
+        print(f"  {g['instruction']}\n    -> {g['generation']}")
