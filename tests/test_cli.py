@@ -1,5 +1,7 @@
 """The `fasttune` command: `info` on the environment and on a model folder, and its error exit."""
 
+import pytest
+
 from conftest import write_checkpoint
 from fasttune.cli import main
 from fasttune.tokenizer import write_builtin_tokenizer
@@ -27,3 +29,16 @@ def test_info_on_a_bad_folder_exits_2_with_the_reason(tmp_path, capsys):
     (tmp_path / "model.safetensors").unlink()
     assert main(["info", str(tmp_path)]) == 2
     assert "no model.safetensors or model.safetensors.index.json" in capsys.readouterr().err
+
+
+def test_run_overrides_may_follow_options(tmp_path, capsys):
+    """`fasttune run cfg.yaml --nproc 4 lr=1e-4`: argparse alone would reject the override after an option."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("max_steps: 3\n")
+    assert main(["run", str(cfg), "--print-config", "max_steps=7", "~eval_every"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "eval_every: 100" in out
+    with pytest.raises(SystemExit):
+        main(["run", str(cfg), "--print-config", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        main(["info", "--no-such-flag"])

@@ -376,7 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         "bench", add_help=False, help="fasttune against the Hugging Face baseline (see fasttune bench --help)"
     )
     bench.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    # `run`'s key=value overrides may come after options (`run cfg.yaml --nproc 4 lr=1e-4`), which argparse
+    # cannot assign to a positional once an option has interrupted it: collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "run" or not all("=" in a or a.startswith("~") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides.extend(extra)
     args.argv = argv
     verbose = args.verbose or args.command == "run"  # a run says what it chose (backends, kernels, AdamW)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 speaks for all; the rest only warn
