@@ -27,48 +27,11 @@ sys.path.insert(0, str(HERE.parent / "ops"))
 
 from runners import StepPlan, peak_for, run_fasttune, run_hf  # noqa: E402
 
-# Published configs of the named shapes (random weights are enough for speed and memory).
-SHAPES = {
-    "qwen2.5-0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
-    "qwen3-0.6b": dict(
-        model_type="qwen3",
-        architectures=["Qwen3ForCausalLM"],
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-}
+from fasttune.plan_tables import SHAPES as _PLAN_SHAPES  # noqa: E402
+
+# Published configs of the named shapes (random weights are enough for speed and memory): the planner's
+# table, so that `fasttune plan` and `fasttune bench` mean the same model by the same name.
+SHAPES = _PLAN_SHAPES
 VARIANTS = ("hf_padded", "hf_padding_free", "fasttune", "fasttune_torch", "fasttune_compile", "fasttune_lora")
 
 
@@ -78,14 +41,7 @@ def random_checkpoint(shape: str, folder: Path, dtype: torch.dtype) -> Path:
 
     from fasttune.tokenizer import write_builtin_tokenizer
 
-    spec = {
-        "model_type": "qwen2",
-        "architectures": ["Qwen2ForCausalLM"],
-        "rope_theta": 1e6,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 32768,
-        **SHAPES[shape],
-    }
+    spec = {"max_position_embeddings": 32768, **SHAPES[shape]}
     cfg = transformers.AutoConfig.for_model(**spec)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
