@@ -299,3 +299,19 @@ def test_the_loop_with_triton_kernels_gives_the_reference_losses(setup, tmp_path
     train.run(config(setup, tmp_path / "triton", *small, "kernels=triton"))
     for a, b in zip(logged(tmp_path / "triton"), logged(tmp_path / "torch"), strict=True):
         assert abs(a - b) < 1e-4 * abs(b)
+
+
+def test_the_end_of_a_run_reports_generations_and_their_metrics(setup, tmp_path, capsys):
+    from fasttune.evaluate import split_loss
+
+    cfg = config(setup, tmp_path, "max_steps=3", "samples=2", "eval_examples=4", "data.split=[0.8,0.1,0.1]")
+    result = train.run(cfg)
+    report = json.loads((tmp_path / "eval.json").read_text())
+    test = TokenizedData.load(tmp_path / "data" / "tokenized" / "test")
+    assert report["loss"] == result.test_loss  # the run's own measurement, not a second pass
+    fresh = split_loss(fasttune.load_model(tmp_path / "model", dtype=torch.float32), test, 512)
+    assert report["targets"] == fresh["targets"] and abs(report["loss"] - fresh["loss"]) < 1e-5
+    assert report["metrics"]["examples"] == len(report["generations"]) == min(4, len(test))
+    assert len(result.samples) == 2 and result.samples[0][1] == report["generations"][0]["generation"]
+    out = capsys.readouterr().out
+    assert f"evaluation on {min(4, len(test))} test prompts" in out and result.samples[1][1] in out

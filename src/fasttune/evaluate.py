@@ -324,9 +324,12 @@ def evaluate_run(
     seed: int | None = 0,
     batch_size: int | None = None,
     out: str | os.PathLike | None = None,
+    loss: float | None = None,
 ) -> dict:
     """Loss and perplexity on `split` of `data_dir`, generations for its first `max_examples` prompts
-    (None: all) and their metrics; the report, also written to `out` (JSON) when given."""
+    (None: all) and their metrics; the report, also written to `out` (JSON) when given. `loss`: the
+    split's mean loss when the caller has just measured it (the end of a run), so it is not computed
+    twice."""
     if max_examples is not None and max_examples < 0:
         raise FasttuneError(f"max_examples must be >= 0, got {max_examples}")
     data_dir = Path(data_dir)
@@ -335,7 +338,16 @@ def evaluate_run(
         "split": split,
         "data": str(data_dir),
         "model": getattr(model, "source_path", None),
-        **split_loss(model, data, micro_batch_tokens, autocast_dtype=autocast_dtype),
+        **(
+            split_loss(model, data, micro_batch_tokens, autocast_dtype=autocast_dtype)
+            if loss is None
+            else {
+                "loss": loss,
+                "perplexity": math.exp(min(loss, LOSS_CAP)),
+                "targets": sum(int(data.sequence(i)[1][1:].sum()) for i in range(len(data))),
+                "examples": len(data),
+            }
+        ),
     }
     chosen = range(len(data) if max_examples is None else min(max_examples, len(data)))
     examples = [records[int(data.index[i])] for i in chosen]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import mmap
 import os
 from pathlib import Path
 
@@ -59,12 +58,11 @@ from fasttune.errors import ConfigError
 from fasttune.lora import LoraConfig, LoraLinear, _find_targets
 from fasttune.model import CausalLM
 from fasttune.weights import (
-    _ST_DTYPES,
-    _copy_from_map,
     _read_generation_config,
     _set_parameter,
     check_checkpoint,
     load_model,
+    read_tensors,
     save_model,
 )
 
@@ -237,41 +235,34 @@ class QLoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, base, bias, lora_A, lora_B, scaling, mask2, dropout_p):
-        from fasttune.ops.lora_linear import _dropped, _lowrank_gemm
+        from fasttune.ops.lora_linear import lora_forward
 
-        # The dtypes are set (x and W in the compute dtype, A and B fp32): autocast must not recast the
-        # fp32 matmuls to bf16 (the kernel takes fp32 low-rank operands).
-        with torch.autocast(x2.device.type, enabled=False):
-            xa = _dropped(x2, mask2, dropout_p) @ lora_A.t()
-            w = base.dequantize()
-            y = _lowrank_gemm(x2, w.t(), xa, lora_B.t(), scaling, bias=bias)
-            del w
-        ctx.base = base
+        y, xa = lora_forward(x2, base.dequantize(), bias, lora_A, lora_B, scaling, mask2, dropout_p)
+        ctx.base = base  # the dequantised W is freed here and made again in the backward
         ctx.save_for_backward(x2, lora_A, lora_B, xa, mask2)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from fasttune.ops.lora_linear import _dropped, _keep_scale, _lowrank_gemm
+        from fasttune.ops.lora_linear import lora_backward
 
         x2, lora_A, lora_B, xa, mask2 = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx = dA = dB = None
-        with torch.autocast(dy.device.type, enabled=False):
-            dy_f = dy.float()
-            if need_x or need_A:
-                g = dy_f @ lora_B
-                if need_x:
-                    w = ctx.base.dequantize()
-                    keep_scale = _keep_scale(p) if mask2 is not None else 1.0
-                    dx = _lowrank_gemm(dy, w, g, lora_A, s, keep=mask2, keep_scale=keep_scale)
-                    del w
-                if need_A:
-                    dA = (g.t() @ _dropped(x2, mask2, p)).mul_(s)
-            if need_B:
-                dB = (dy_f.t() @ xa).mul_(s)
+        needs = ctx.needs_input_grad
+        dx, dA, dB = lora_backward(
+            dy,
+            x2,
+            ctx.base.dequantize,
+            lora_A,
+            lora_B,
+            xa,
+            mask2,
+            ctx.scaling,
+            ctx.dropout_p,
+            needs[0],
+            needs[3],
+            needs[4],
+        )
         return dx, None, None, dA, dB, None, None, None
 
 
@@ -365,26 +356,18 @@ def load_qlora_model(
     # new layer-sized block per layer (glibc kept those: 5.5 MB of RSS per 2.9M-weight layer on the CPU).
     quantised = {f"{name}.weight" for name in linears}
     staging = torch.empty(max(m.weight.numel() for m in linears.values()), dtype=compute_dtype, device=device)
-    by_file: dict[Path, list[str]] = {}
-    for name, f in plan.location.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        header, data_start = plan.headers[f]
-        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
-            for name in names:
-                info = header[name]
-                shape = tuple(info["shape"])
-                if name in quantised:
-                    out = staging[: math.prod(shape)].view(shape)
-                else:
-                    out = torch.empty(shape, dtype=compute_dtype, device=device)
-                _copy_from_map(mm, data_start + info["data_offsets"][0], _ST_DTYPES[info["dtype"]], out)
-                if name in quantised:
-                    model.get_submodule(name.rpartition(".")[0]).quantize_(out)
-                else:
-                    _set_parameter(model, name, out)
-                del out
-    del staging
+
+    def out_for(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name in quantised:
+            return staging[: math.prod(shape)].view(shape)
+        return torch.empty(shape, dtype=compute_dtype, device=device)
+
+    for name, out in read_tensors(plan, out_for):
+        if name in quantised:
+            model.get_submodule(name.rpartition(".")[0]).quantize_(out)
+        else:
+            _set_parameter(model, name, out)
+    out = staging = None  # free the buffer (the loop's last tensor may be a view of it)
     model.tie_weights()
     model.model.inv_freq = model.model.inv_freq.to(device)
     model.source_path = str(plan.folder)

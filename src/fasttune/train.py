@@ -644,6 +644,7 @@ def _report(cfg, model, tokenizer, out: Path, result: RunResult) -> None:
         max_new_tokens=64,
         seed=cfg.seed,
         out=out / "eval.json",
+        loss=result.test_loss,  # measured a moment ago over the same split
     )
     m = report["metrics"]
     cover = m.get("template_coverage")

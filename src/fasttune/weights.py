@@ -274,17 +274,8 @@ def load_model(
     )
     device = torch.device(device)
 
-    by_file: dict[Path, list[str]] = {}
-    for name, f in plan.location.items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
-        header, data_start = plan.headers[f]
-        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
-            for name in names:
-                info = header[name]
-                out = torch.empty(tuple(info["shape"]), dtype=dtype, device=device)
-                _copy_from_map(mm, data_start + info["data_offsets"][0], _ST_DTYPES[info["dtype"]], out)
-                _set_parameter(model, name, out)
+    for name, out in read_tensors(plan, lambda name, shape: torch.empty(shape, dtype=dtype, device=device)):
+        _set_parameter(model, name, out)
     model.tie_weights()
     model.model.inv_freq = model.model.inv_freq.to(device)
     model.source_path = str(folder)
@@ -300,6 +291,24 @@ def load_model(
         device,
     )
     return model
+
+
+def read_tensors(plan: CheckpointPlan, out_for):
+    """Each tensor of a checked checkpoint, file by file through a memory map: `out_for(name, shape)`
+    gives the tensor to fill (its dtype and device are the result's; the stored dtype is converted), which
+    is yielded with its name before the next one is read. Callers decide where each tensor lives: a new
+    parameter (load_model) or a reused staging buffer that is quantised at once (qlora)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, f in plan.location.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        header, data_start = plan.headers[f]
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+            for name in names:
+                info = header[name]
+                out = out_for(name, tuple(info["shape"]))
+                _copy_from_map(mm, data_start + info["data_offsets"][0], _ST_DTYPES[info["dtype"]], out)
+                yield name, out
 
 
 def _names(names: list[str], most: int = 8) -> str:

@@ -288,35 +288,56 @@ class LoraLinearFunction(torch.autograd.Function):
         # x2 [N, in] and the output [N, out] are 2-D: the public function flattens and unflattens outside
         # the Function, so the tensor callers see is a view of this Function's own output (a view of an
         # internal buffer would have no autograd history for in-place ops such as rope to route through).
-        xa = _dropped(x2, mask2, dropout_p) @ lora_A.t()
-        y = _lowrank_gemm(x2, weight.t(), xa, lora_B.t(), scaling, bias=bias)
+        y, xa = lora_forward(x2, weight, bias, lora_A, lora_B, scaling, mask2, dropout_p)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, mask2)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):  # a backward under autocast: no re-casting
-            return LoraLinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         x2, weight, lora_A, lora_B, xa, mask2 = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dy2 = dy
-        dy_f = dy2.float()
-        dx = dA = dB = None
+        needs = ctx.needs_input_grad
+        dx, dA, dB = lora_backward(
+            dy,
+            x2,
+            lambda: weight,
+            lora_A,
+            lora_B,
+            xa,
+            mask2,
+            ctx.scaling,
+            ctx.dropout_p,
+            needs[0],
+            needs[3],
+            needs[4],
+        )
+        return dx, None, None, dA, dB, None, None, None
+
+
+def lora_forward(x2, weight, bias, lora_A, lora_B, s, mask2, p):
+    """(y, xa) of the docstring above, with autocast off (the dtypes are set: the kernel takes fp32
+    low-rank operands). Shared with QLoRA (qlora.py), whose W is an NF4 layer's dequantisation."""
+    with torch.autocast(x2.device.type, enabled=False):
+        xa = _dropped(x2, mask2, p) @ lora_A.t()
+        return _lowrank_gemm(x2, weight.t(), xa, lora_B.t(), s, bias=bias), xa
+
+
+def lora_backward(dy, x2, weight_fn, lora_A, lora_B, xa, mask2, s, p, need_x, need_A, need_B):
+    """(dx, dA, dB) of the docstring above, with autocast off (a backward may run under it). `weight_fn()`
+    gives W, asked for only when dx is needed (QLoRA dequantises it then)."""
+    dx = dA = dB = None
+    with torch.autocast(dy.device.type, enabled=False):
+        dy_f = dy.float()
         if need_x or need_A:
             g = dy_f @ lora_B
             if need_x:
                 keep_scale = _keep_scale(p) if mask2 is not None else 1.0
-                dx = _lowrank_gemm(dy2, weight, g, lora_A, s, keep=mask2, keep_scale=keep_scale)
+                dx = _lowrank_gemm(dy, weight_fn(), g, lora_A, s, keep=mask2, keep_scale=keep_scale)
             if need_A:
                 dA = (g.t() @ _dropped(x2, mask2, p)).mul_(s)
         if need_B:
             dB = (dy_f.t() @ xa).mul_(s)
-        return dx, None, None, dA, dB, None, None, None
+    return dx, dA, dB
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,7 +375,7 @@ def lora_linear(
     """
     if torch.is_autocast_enabled(x.device.type):
         # As nn.Linear under autocast: the base GEMM's operands in the autocast dtype. The adapters stay
-        # fp32 (the op's contract) and the Function runs with autocast off, so nothing is re-cast inside.
+        # fp32 (the op's contract); the Function's math runs with autocast off, so nothing is re-cast.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
@@ -386,8 +407,5 @@ def lora_linear(
     mask = lora_dropout_mask(x.shape, dropout_p, x.device, generator) if training and dropout_p > 0 else None
     x2 = x.reshape(-1, in_features)
     mask2 = mask.reshape(-1, in_features) if mask is not None else None
-    with torch.autocast(x.device.type, enabled=False):
-        y = LoraLinearFunction.apply(
-            x2, weight, bias, lora_A, lora_B, float(scaling), mask2, float(dropout_p)
-        )
+    y = LoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), mask2, float(dropout_p))
     return y.view(*x.shape[:-1], out_features)
