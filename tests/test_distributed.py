@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from fasttune.config import load_config
 from fasttune.distributed import SINGLE, Dist
 from fasttune.model import CausalLM, ModelConfig
 from fasttune.parallelize import choose_strategy, training_state_bytes
+from helpers import rank_logs, read_rank_results, torchrun, torchrun_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -48,17 +51,23 @@ def overrides(setup, out, *extra) -> list[str]:
     ]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+def _log_dir(out) -> Path:
+    """A fresh folder beside `out` for one launch's per-rank logs (a resume into `out` gets its own)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{out.name}-logs-", dir=out.parent))
 
 
-def launch(setup, out, *extra, resume=False, nproc=2) -> subprocess.CompletedProcess:
+def launch(setup, out, *extra, resume=False, nproc=2) -> dict[int, str]:
+    """`fasttune run --nproc N` as a user runs it; returns each rank's stdout, read from a file per rank
+    (never from the one pipe that all ranks share)."""
     cmd = [sys.executable, "-m", "fasttune.cli", "run", "--nproc", str(nproc), *overrides(setup, out, *extra)]
     if resume:
         cmd.append("--resume")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    logs = _log_dir(out)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=torchrun_env(logs))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+    return rank_logs(logs)
 
 
 def logged(out, key="loss"):
@@ -123,8 +132,8 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_and_in_two(runs, setup, tm
     if nproc == 1:
         train.run(load_config(None, overrides(setup, out)), resume=True)
     else:
-        p = launch(setup, out, "strategy=fsdp", resume=True)
-        assert "resuming from" in p.stdout and "step 5" in p.stdout
+        stdout = launch(setup, out, "strategy=fsdp", resume=True)[0]  # rank 0 speaks for the run
+        assert "resuming from" in stdout and "step 5" in stdout
     assert logged(out, "step") == list(range(1, 11))
     assert_same_run(runs / "one", out, steps=range(6, 11))
     assert (out / "model" / "model.safetensors").is_file()
@@ -175,7 +184,10 @@ def test_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint(setup, tmp_path
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fasttune.cli", "run", "--nproc", "2"]
     cmd += overrides(setup, out, "max_steps=100000", "eval_every=100000", "save_every=100000")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    logs = _log_dir(out)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=torchrun_env(logs)
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # wait until the loop runs
@@ -194,7 +206,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint(setup, tmp_path
     assert proc.returncode == 0, text[-3000:]
     last = logged(out, "step")[-1]
     assert last < 100000
-    assert f"stopped by a signal on another rank after step {last}" in text
+    assert f"stopped by a signal on another rank after step {last}" in rank_logs(logs)[0]
     ckpt, why = find_latest(out)
     assert ckpt.name == f"step-{last:08d}" and "named by" in why
     assert sorted(p.name for p in ckpt.iterdir()) == [
@@ -206,23 +218,47 @@ def test_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint(setup, tmp_path
 
 
 def test_ranks_agree_when_any_has_a_geforce_card(tmp_path):
-    """The NCCL decision is taken on every rank from the same all-reduce: rank 1 alone says yes."""
+    """The NCCL decision is taken on every rank from the same all-reduce: rank 1 alone says yes. Each
+    rank writes its answer to a file of its own (the shared stdout pipe once interleaved two ranks'
+    lines into one)."""
     script = tmp_path / "agree.py"
     script.write_text(
+        "import sys\n"
         "import torch.distributed as dist\n"
+        "from helpers import write_rank_result\n"
         "from fasttune import distributed\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
-        "print(f'rank {rank}: {distributed.agree_any(rank == 1)} {distributed.agree_any(False)}')\n"
+        "answer = [distributed.agree_any(rank == 1), distributed.agree_any(False)]\n"
+        "write_rank_result(sys.argv[1], rank, answer)\n"
         "dist.destroy_process_group()\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(line for line in p.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0: True False",
-        "rank 1: True False",
-    ]
+    torchrun(script, tmp_path / "logs", args=[str(tmp_path)])
+    assert read_rank_results(tmp_path, 2) == [[True, False], [True, False]]
+
+
+def test_two_ranks_writing_at_once_cannot_break_the_assertion(tmp_path):
+    """The pattern behind the race CI hit: both ranks print thousands of unbuffered lines into the same
+    console at the same moment (which interleaves them there), and each rank's stdout file and result
+    file still hold exactly that rank's lines and answer."""
+    script = tmp_path / "flood.py"
+    script.write_text(
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from helpers import write_rank_result\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "dist.barrier()\n"
+        "for i in range(3000):\n"
+        "    print(f'rank {rank}: {i}', end='')\n"
+        "    print()\n"  # two writes per line: the way a line gets split in a shared pipe
+        "write_rank_result(sys.argv[1], rank, {'rank': rank, 'lines': 3000})\n"
+        "dist.destroy_process_group()\n"
+    )
+    logs = torchrun(script, tmp_path / "logs", args=[str(tmp_path)], env={"PYTHONUNBUFFERED": "1"})
+    for rank in (0, 1):
+        assert logs[rank].splitlines() == [f"rank {rank}: {i}" for i in range(3000)]
+    assert read_rank_results(tmp_path, 2) == [{"rank": 0, "lines": 3000}, {"rank": 1, "lines": 3000}]
 
 
 def test_geforce_cards_are_recognised():

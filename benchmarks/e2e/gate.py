@@ -3,7 +3,7 @@
 A tiny Qwen2 (the built-in default's shape) on the built-in corpus: the Hugging Face baseline (32
 examples padded to the longest) and fasttune (the same 32 examples packed into one row) train the same
 steps in this one process. What is checked, against `thresholds.json`:
-  - ratios measured in this run: fasttune's steps/s over the baseline's (never an absolute time);
+  - ratios measured in this run: the baseline's median step time over fasttune's (never an absolute time);
   - deterministic counters: the share of real tokens in what each computes, the bucket size, and that
     both learn the same thing (the final losses agree).
 A failure names the counter, its value and its threshold. `regress=` switches a known regression on, so
@@ -84,7 +84,10 @@ def measure(regress: str | None = None, device: str = "cpu", compile_counters: b
     return {
         "steps": len(plan.steps),
         "bucket": plan.bucket,
-        "speed_ratio_vs_hf": fs["steps_per_s"] / hs["steps_per_s"],
+        # The ratio of median step times, not of total times: both variants train the same steps one
+        # after the other, so a burst of load from another process lands on a few steps of one of them;
+        # the median steps past it where the total would not (measured 0.90-0.97 on an idle 2-core CPU).
+        "speed_ratio_vs_hf": hs["step_ms_median"] / fs["step_ms_median"],
         "fasttune_token_efficiency": fs["token_efficiency"],
         "hf_token_efficiency": hs["token_efficiency"],
         "final_loss_gap": abs(fs["final_loss"] - hs["final_loss"]),
