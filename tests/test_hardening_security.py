@@ -5,13 +5,27 @@ files only, config fields within sane ranges) and a chat template's runtime erro
 from __future__ import annotations
 
 import json
+import os
+import re
+import resource
+import shutil
+import stat
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+import torch
 
+import fasttune
+from conftest import write_checkpoint
+from fasttune.errors import CheckpointError, ConfigError, TokenizerError
 from fasttune.judge import Item, JudgeCache, JudgeClient, load_template, score_items
+from fasttune.model import ModelConfig
+from fasttune.tokenizer import Tokenizer, builtin_tokenizer, write_builtin_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -181,3 +195,283 @@ def test_item03_judge_timeout_help_says_it_bounds_the_whole_request():
     text = parser._subparsers._group_actions[0].choices["eval"].format_help()
     assert "connect/read" not in text
     assert "--judge-timeout" in text and "whole-requestseconds" in "".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 2: reading a model folder
+
+
+def _model_folder(path: Path, tokenizer: bool = True) -> Path:
+    write_checkpoint(path, "qwen2_tied")
+    if tokenizer:
+        write_builtin_tokenizer(path)
+    return path
+
+
+def _limited(limit_bytes: int = 3 << 30):
+    """A child's address space capped, so that a regression shows as a failure, not a swapping machine."""
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def _cli(*args, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fasttune.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limited(),
+    )
+
+
+def test_item02_dev_zero_as_tokenizer_config_fails_fast(tmp_path):
+    folder = _model_folder(tmp_path / "m")
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").symlink_to("/dev/zero")
+    start = time.monotonic()
+    r = _cli("info", str(folder))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "tokenizer_config.json" in lines[0] and "/dev/zero" in lines[0]
+    assert "not a regular file (a character device)" in lines[0]
+    assert time.monotonic() - start < 60
+    with pytest.raises(TokenizerError, match="not a regular file"):
+        fasttune.load_tokenizer(folder)
+
+
+def _unblock_later(fifo: Path, stop: threading.Event, after: float = 10.0) -> None:
+    """Code that opens a FIFO blocks until a writer comes: this writer comes after `after` s unless
+    `stop` is set first, so that a regression fails the test instead of hanging it."""
+
+    def write():
+        if stop.wait(after):
+            return
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # nobody is reading it: the code refused it without opening, as it should
+            return
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):  # never write into a file the test has put back since
+            os.write(fd, b"{}")
+        os.close(fd)
+
+    threading.Thread(target=write, daemon=True).start()
+
+
+def test_item02_fifos_devices_and_folders_are_refused(tmp_path):
+    folder = _model_folder(tmp_path / "m")
+    cases = [
+        ("tokenizer_config.json", fasttune.load_tokenizer, TokenizerError),
+        ("chat_template.jinja", fasttune.load_tokenizer, TokenizerError),
+        ("config.json", fasttune.check_checkpoint, ConfigError),
+        ("model.safetensors", fasttune.load_model, CheckpointError),
+    ]
+    for name, load, error in cases:
+        f = folder / name
+        saved = f.read_bytes() if f.exists() else None
+        f.unlink(missing_ok=True)
+        os.mkfifo(f)
+        stop = threading.Event()
+        _unblock_later(f, stop)
+        start = time.monotonic()
+        with pytest.raises(error, match=rf"{name}: not a regular file \(a FIFO\)"):
+            load(folder)
+        stop.set()
+        assert time.monotonic() - start < 5, name
+        f.unlink()
+        f.mkdir()
+        with pytest.raises(error, match=rf"{name}: not a regular file \(a folder\)"):
+            load(folder)
+        f.rmdir()
+        if saved is not None:
+            f.write_bytes(saved)
+    # A weights file that links to a device is refused before it is opened.
+    (folder / "model.safetensors").rename(folder / "real.safetensors")
+    (folder / "model.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors -> /dev/zero: not a regular file"):
+        fasttune.check_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    "name, size, cap",
+    [
+        ("config.json", (1 << 20) + 1, 1 << 20),
+        ("tokenizer_config.json", (16 << 20) + 1, 16 << 20),
+        ("chat_template.jinja", (1 << 20) + 1, 1 << 20),
+        ("tokenizer.json", (128 << 20) + 1, 128 << 20),
+    ],
+)
+def test_item02_files_over_their_cap_are_refused_unread(tmp_path, name, size, cap):
+    folder = _model_folder(tmp_path / "m")
+    with open(folder / name, "wb") as f:  # sparse: the size without the disk space
+        f.truncate(size)
+    load = fasttune.check_checkpoint if name == "config.json" else fasttune.load_tokenizer
+    error = ConfigError if name == "config.json" else TokenizerError
+    with pytest.raises(error, match=rf"{name}: {size} bytes, larger than the {cap} bytes"):
+        load(folder)
+
+
+def test_item02_a_file_longer_than_its_stat_size_is_cut_at_the_cap(tmp_path):
+    """procfs files report size 0 and have content: the read itself stops at the cap, not the stat."""
+    from fasttune.safe_io import read_text
+
+    f = tmp_path / "t.txt"
+    f.write_text("x" * 100)
+    assert read_text(f, cap=100, error=TokenizerError) == "x" * 100
+    assert os.stat("/proc/self/status").st_size == 0
+    with pytest.raises(TokenizerError, match="status: more than 100 bytes, larger than the 100 bytes"):
+        read_text("/proc/self/status", cap=100, error=TokenizerError)
+
+
+GOOD = dict(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"num_hidden_layers": 10**9}, "num_hidden_layers"),
+        ({"num_hidden_layers": 1e9}, "num_hidden_layers"),
+        ({"num_hidden_layers": 1025}, "num_hidden_layers"),
+        ({"hidden_size": 65536 * 2}, "hidden_size"),
+        ({"intermediate_size": 10**7}, "intermediate_size"),
+        ({"vocab_size": 10**8}, "vocab_size"),
+        ({"num_attention_heads": 0}, "num_attention_heads"),
+        ({"num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 64}, "num_attention_heads"),
+        ({"num_key_value_heads": 28}, "num_key_value_heads"),
+        ({"head_dim": 2048}, "head_dim"),
+        ({"head_dim": 63}, "head_dim"),
+        ({"hidden_size": 900}, "hidden_size"),  # not a multiple of 14 heads, and no head_dim given
+        ({"max_position_embeddings": 10**12}, "max_position_embeddings"),
+        ({"max_position_embeddings": "32768"}, "max_position_embeddings"),
+        ({"rope_theta": float("inf")}, "rope_theta"),
+        ({"rope_theta": -1.0}, "rope_theta"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+        ({"use_sliding_window": True, "sliding_window": -5}, "sliding_window"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, "rope_scaling.factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 0}},
+            "rope_scaling.original_max_position_embeddings",
+        ),
+    ],
+)
+def test_item02_config_fields_outside_sane_bounds_are_refused(changes, key):
+    with pytest.raises(ConfigError, match=r"^cfg\.json: .*\b" + re.escape(key) + r"\b"):
+        ModelConfig.from_hf({**GOOD, **changes}, source="cfg.json")
+
+
+def test_item02_real_configs_are_within_the_bounds():
+    ModelConfig.from_hf(GOOD)
+    # Qwen2.5-72B and Llama-3.1-405B's sizes; Qwen3's explicit head_dim (hidden 1024 != 16 x 128).
+    ModelConfig.from_hf(
+        {
+            **GOOD,
+            "hidden_size": 8192,
+            "intermediate_size": 29568,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 131072,
+        }
+    )
+    ModelConfig.from_hf(
+        {
+            **GOOD,
+            "model_type": "llama",
+            "vocab_size": 128256,
+            "hidden_size": 16384,
+            "intermediate_size": 53248,
+            "num_hidden_layers": 126,
+            "num_attention_heads": 128,
+            "num_key_value_heads": 8,
+            "rope_theta": 5e5,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
+    ModelConfig.from_hf({**GOOD, "model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16,
+                         "num_key_value_heads": 8, "head_dim": 128})  # fmt: skip
+
+
+def test_item02_a_billion_layers_fail_at_once_in_info_and_load_model(tmp_path):
+    folder = _model_folder(tmp_path / "m", tokenizer=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    start = time.monotonic()
+    r = _cli("info", str(folder))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "config.json" in r.stderr and "num_hidden_layers" in r.stderr
+    assert time.monotonic() - start < 60
+    with pytest.raises(ConfigError, match=r"config\.json: field num_hidden_layers=1000000000 is above"):
+        fasttune.load_model(folder)
+
+
+def _as_hf_cache(folder: Path, root: Path) -> Path:
+    """The Hugging Face hub cache's layout: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    repo = root / "models--org--tiny"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(folder.iterdir())):
+        blob = blobs / f"{i:040x}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    return snap
+
+
+def test_item02_hugging_face_cache_symlinks_keep_loading(tmp_path):
+    ref = _model_folder(tmp_path / "m")
+    fasttune.save_model(fasttune.load_model(ref), tmp_path / "sharded", max_shard_size="20KB")
+    write_builtin_tokenizer(tmp_path / "sharded")
+    ids = torch.tensor([[3, 17, 42, 5, 99]])
+    expected = fasttune.load_model(ref).logits(ids)
+    for source in (ref, tmp_path / "sharded"):
+        snap = _as_hf_cache(source, tmp_path / f"hub-{source.name}")
+        assert all(p.is_symlink() for p in snap.iterdir())
+        model = fasttune.load_model(snap)
+        with torch.no_grad():
+            torch.testing.assert_close(model.logits(ids), expected, rtol=0, atol=0)
+        tok = fasttune.load_tokenizer(snap)
+        assert tok.encode("hello world") == builtin_tokenizer().encode("hello world")
+        assert fasttune.check_checkpoint(snap).num_parameters == model.num_parameters()
+
+
+@pytest.mark.parametrize(
+    "template, what",
+    [
+        ("{% for i in range(100000000) %}x{% endfor %}", "OverflowError"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+        ("{{ messages.__class__.__mro__ }}", "SecurityError|UndefinedError"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ],
+)
+def test_item02_template_runtime_errors_are_one_tokenizer_error(template, what):
+    tok = Tokenizer(builtin_tokenizer().tk, {}, template, source="/models/x")
+    with pytest.raises(TokenizerError, match=rf"^/models/x: chat template failed \(({what})\)"):
+        tok.render([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template", [123, ["not an object", {"name": "default", "template": 5}]])
+def test_item02_a_chat_template_that_is_not_text_is_one_tokenizer_error(template):
+    with pytest.raises(TokenizerError, match="^/models/x: chat_template must be text, got int"):
+        Tokenizer(builtin_tokenizer().tk, {"chat_template": template}, source="/models/x")
