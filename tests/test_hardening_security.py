@@ -42,6 +42,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.read(n)
         with self.server.lock:
             self.server.requests.append({"method": self.command, "auth": self.headers.get("Authorization")})
+            self.server.paths.append(self.path)
 
     def do_GET(self):  # noqa: N802 (http.server's naming): a followed 301/302 arrives as a GET
         self._record()
@@ -76,7 +77,7 @@ def servers():
     def make(script=lambda h: _answer(h)):
         srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         srv.daemon_threads, srv.block_on_close = True, False
-        srv.requests, srv.lock, srv.script = [], threading.Lock(), script
+        srv.requests, srv.paths, srv.lock, srv.script = [], [], threading.Lock(), script
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
         made.append(srv)
@@ -120,6 +121,19 @@ def test_item01_redirect_is_an_error_naming_the_target_and_the_key_stays_home(
     # the failure is recorded like other transport failures: in the cache, asked again by a later run
     cached = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert [c["status"] for c in cached] == ["error"]
+
+
+def test_item01_the_proxy_environment_is_still_honoured(servers, tmp_path, monkeypatch):
+    """urllib honoured http_proxy; the client that replaced it does too: the proxy gets the absolute URL."""
+    proxy = servers()
+    for var in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("http_proxy", proxy.url.removesuffix("/v1"))
+    client = JudgeClient("http://judge.invalid:8000/v1", "judge-1", timeout=5, retries=0)
+    assert _score_one(client, tmp_path)["value"] == 5
+    assert [r["method"] for r in proxy.requests] == ["POST"] and proxy.paths == [
+        "http://judge.invalid:8000/v1/chat/completions"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, max_byt
     timer = threading.Timer(timeout, shut_down)
     timer.daemon = True
     timer.start()
+    resp = None
     try:
         conn.connect()
         opened.append(conn.sock)
@@ -112,6 +113,8 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float, max_byt
         raise
     finally:
         timer.cancel()
+        if resp is not None:
+            resp.close()  # the socket itself, when the reply owns it (a connection that closes after it)
         conn.close()
 
 
