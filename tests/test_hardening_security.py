@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -197,6 +198,45 @@ def test_item03_a_trickling_server_is_cut_at_the_total_timeout(servers, tmp_path
     assert out["status"] == "error" and "timed out after 0.6 s" in out["error"]
     # A correctness bound, not a benchmark: the full trickle takes > 4 s; the cut comes at the deadline.
     assert wall < 2 * timeout + 0.8, wall
+
+
+@pytest.fixture
+def tls(servers, tmp_path):
+    """`servers` wrapped in TLS with a fresh self-signed certificate for 127.0.0.1 (made by openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+    def make(script=lambda h: _answer(h)):
+        srv = servers(script)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        srv.url = srv.url.replace("http://", "https://")
+        return srv
+
+    make.cert = cert
+    return make
+
+
+def test_item03_https_verifies_the_certificate_and_keeps_the_deadline(tls, tmp_path, monkeypatch):
+    srv = tls()
+    client = JudgeClient(srv.url, "judge-1", timeout=5, retries=0)
+    out = _score_one(client, tmp_path / "untrusted")
+    assert out["status"] == "error" and "CERTIFICATE_VERIFY_FAILED" in out["error"]
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.cert))  # trust this certificate (OpenSSL reads the variable)
+    assert _score_one(client, tmp_path / "trusted")["value"] == 5
+    slow = tls(_trickle_body)
+    client = JudgeClient(slow.url, "judge-1", timeout=0.6, retries=0)
+    start = time.monotonic()
+    out = _score_one(client, tmp_path / "slow")
+    assert out["status"] == "error" and "timed out after 0.6 s" in out["error"]
+    assert time.monotonic() - start < 2 * 0.6 + 0.8
 
 
 def test_item03_judge_timeout_help_says_it_bounds_the_whole_request():
