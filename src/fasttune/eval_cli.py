@@ -72,7 +72,7 @@ def add_subparser(sub) -> None:
         help="A/B prompt: {instruction} {response_a} {response_b} [{reference}]",
     )
     j.add_argument("--judge-api-key-env", metavar="VAR", help="environment variable holding the API key")
-    j.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per connect/read (default: 60)")
+    j.add_argument("--judge-timeout", type=float, default=60.0, help="whole-request seconds (default: 60)")
     j.add_argument("--judge-retries", type=int, default=3, help="retries on timeouts and 5xx (default: 3)")
     j.add_argument("--judge-workers", type=int, default=4, help="requests in flight (default: 4)")
     j.add_argument("--judge-max-tokens", type=int, default=512, help="reply length limit (default: 512)")

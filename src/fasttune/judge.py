@@ -6,7 +6,10 @@ The client. `JudgeClient(url, model)` POSTs `{"model", "messages", "temperature"
 `<url>/chat/completions` (or to `url` itself when it already ends with that) and reads
 `choices[0].message.content`. The API key, when one is needed, is read from the environment variable
 named by `api_key_env` and sent as `Authorization: Bearer ...`; only the variable's name is ever written
-to a report. `timeout` is urllib's: it bounds each connect and each read, not the whole request.
+to a report. `timeout` bounds the whole request, connect to last byte, and a reply body is read up to
+`max_response_bytes` (default 4 MiB), past which it is `malformed`; a redirect (3xx) is never followed,
+so the key never goes to another origin: it is an `error` naming the `Location`, not retried
+(judge_http.py says why urllib is not used).
 Retried with exponential backoff (`backoff` s, doubled each time, at most 30 s; a numeric
 `Retry-After` is honoured up to the same cap), up to `retries` more attempts: timeouts, refused or
 dropped connections, HTTP 408, 429 and 5xx. Not retried: a reply that arrives but cannot be used
@@ -58,16 +61,16 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from fasttune import judge_http
 from fasttune.errors import FasttuneError
 from fasttune.synth import normalize_text
 
@@ -256,6 +259,7 @@ class JudgeClient:
     retries: int = 3
     backoff: float = 1.0
     max_tokens: int = 512
+    max_response_bytes: int = 4 << 20  # a chat reply of max_tokens is a few KiB; 4 MiB is far above any
     sleep: Callable[[float], None] = time.sleep  # tests pass a recorder
 
     def __post_init__(self):
@@ -280,34 +284,42 @@ class JudgeClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key_env is not None:
             headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
-        req = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _excerpt(e.read() if e.fp is not None else b"")
-            message = f"HTTP {e.code} from {self.endpoint}" + (f": {detail}" if detail else "")
-            if e.code in FATAL_STATUS:
-                raise JudgeError(message) from None
-            wait = _retry_after(e.headers.get("Retry-After") if e.headers else None)
-            raise _Failure(
-                "error", message, retry=e.code >= 500 or e.code in RETRY_STATUS, wait=wait
-            ) from None
+            reply = judge_http.post(self.endpoint, body, headers, self.timeout, self.max_response_bytes)
         except TimeoutError:
             raise _Failure("error", f"timed out after {self.timeout:g} s", retry=True) from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, TimeoutError):
-                raise _Failure("error", f"timed out after {self.timeout:g} s", retry=True) from None
-            raise _Failure("error", f"cannot reach {self.endpoint}: {reason}", retry=True) from None
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            raise _Failure("error", f"connection to {self.endpoint} failed: {e!r}", retry=True) from None
-        try:
-            reply = json.loads(raw)
-            content = reply["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+        except judge_http.ReplyTooLarge:
             raise _Failure(
-                "malformed", f"not a chat-completions reply: {_excerpt(raw)}", retry=False
+                "malformed", f"reply larger than {self.max_response_bytes} bytes, not read", retry=False
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, ConnectionRefusedError | socket.gaierror):
+                raise _Failure("error", f"cannot reach {self.endpoint}: {e}", retry=True) from None
+            raise _Failure("error", f"connection to {self.endpoint} failed: {e!r}", retry=True) from None
+        if 300 <= reply.status < 400:
+            # Never followed: a redirect would carry the key to another origin and turn the POST into a GET.
+            raise _Failure(
+                "error",
+                f"HTTP {reply.status} redirect from {self.endpoint} to {reply.headers.get('Location')}: not "
+                "followed (the judge sends its key only to --judge-url; give the final address there)",
+                retry=False,
+            )
+        if reply.status >= 400:
+            detail = _excerpt(reply.body)
+            message = f"HTTP {reply.status} from {self.endpoint}" + (f": {detail}" if detail else "")
+            if reply.status in FATAL_STATUS:
+                raise JudgeError(message)
+            raise _Failure(
+                "error",
+                message,
+                retry=reply.status >= 500 or reply.status in RETRY_STATUS,
+                wait=_retry_after(reply.headers.get("Retry-After")),
+            )
+        try:
+            content = json.loads(reply.body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+            raise _Failure(
+                "malformed", f"not a chat-completions reply: {_excerpt(reply.body)}", retry=False
             ) from None
         if not isinstance(content, str):
             raise _Failure("malformed", f"message content is {type(content).__name__}, not text", retry=False)

@@ -29,6 +29,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from fasttune import safe_io
 from fasttune.errors import TokenizerError
 
 SPECIAL_TOKEN_KEYS = (
@@ -86,12 +87,22 @@ def compile_template(template: str, source: str = "chat template") -> jinja2.Tem
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    if len(template) > safe_io.TEMPLATE_CAP:
+        raise TokenizerError(f"{source}: the chat template has {len(template)} characters, more than the "
+                             f"{safe_io.TEMPLATE_CAP} a template may have")  # fmt: skip
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise TokenizerError(
             f"{source}: chat template syntax error at line {e.lineno}: {e.message}"
         ) from None
+    except (jinja2.TemplateError, RecursionError, MemoryError, ValueError) as e:  # e.g. 10,000 nested ifs
+        raise TokenizerError(f"{source}: chat template cannot be compiled{_kind(e)}: {e}") from None
+
+
+def _kind(e: Exception) -> str:
+    """The error's type, except for a template's own `raise_exception` message, which stands alone."""
+    return "" if type(e) is jinja2.TemplateError else f" ({type(e).__name__})"
 
 
 def _token_text(value) -> str | None:
@@ -117,8 +128,10 @@ class Tokenizer:
         if chat_template is None:
             chat_template = self.config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": ..., "template": ...}, ...]: the default one
-            named = {t.get("name"): t.get("template") for t in chat_template}
+            named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
             chat_template = named.get("default")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"{source}: chat_template must be text, got {type(chat_template).__name__}")
         self.chat_template = chat_template
         self._template = compile_template(chat_template, source) if chat_template else None
         self.special_tokens = {
@@ -129,28 +142,31 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> Tokenizer:
+        """Every file is read through safe_io: regular files only (symlinks to them are fine), each
+        under its size cap."""
         folder = Path(path)
         tj = folder / "tokenizer.json"
-        if not tj.exists():
+        if not _present(tj):
             raise TokenizerError(f"{folder}: no tokenizer.json (fasttune reads tokenizers' JSON format)")
+        text = safe_io.read_text(tj, safe_io.TOKENIZER_JSON_CAP, TokenizerError)
         try:
-            tk = HFTokenizer.from_file(str(tj))
+            tk = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise TokenizerError(f"{tj}: cannot be read by tokenizers: {e}") from None
+        del text
         config = {}
         cfg_file = folder / "tokenizer_config.json"
-        if cfg_file.exists():
-            try:
-                config = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if _present(cfg_file):
+            config = _json_object(cfg_file, safe_io.JSON_CAP)
         stm = folder / "special_tokens_map.json"
-        if stm.exists():  # older folders keep the special tokens here; tokenizer_config.json wins
-            for k, v in json.loads(stm.read_text(encoding="utf-8")).items():
+        if _present(stm):  # older folders keep the special tokens here; tokenizer_config.json wins
+            for k, v in _json_object(stm, safe_io.CONFIG_CAP).items():
                 config.setdefault(k, v)
         # transformers 5 writes the template to its own file, which takes precedence, as it does there.
         jinja_file = folder / "chat_template.jinja"
-        template = jinja_file.read_text(encoding="utf-8") if jinja_file.exists() else None
+        template = None
+        if _present(jinja_file):
+            template = safe_io.read_text(jinja_file, safe_io.TEMPLATE_CAP, TokenizerError)
         return cls(tk, config, template, source=str(folder))
 
     # -- vocabulary ------------------------------------------------------------------------------------
@@ -216,8 +232,8 @@ class Tokenizer:
                 documents=None,
                 **context,
             )
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"{self.source}: chat template failed: {e}") from None
+        except Exception as e:  # the template is the user's code: whatever it raises is the template's fault
+            raise TokenizerError(f"{self.source}: chat template failed{_kind(e)}: {e}") from None
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True, **kwargs
@@ -293,6 +309,18 @@ class Tokenizer:
         (folder / "tokenizer_config.json").write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+
+
+def _present(path: Path) -> bool:
+    """There, or a symlink (a dangling one is then reported as not found, naming its target)."""
+    return path.exists() or path.is_symlink()
+
+
+def _json_object(path: Path, cap: int) -> dict:
+    data = safe_io.read_json(path, cap, TokenizerError)
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def format_mask(tokenizer: Tokenizer, enc: ChatEncoding) -> str:

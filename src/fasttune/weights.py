@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fasttune.errors import CheckpointError, ConfigError
+from fasttune import safe_io
+from fasttune.errors import CheckpointError, ConfigError, FasttuneError
 from fasttune.model import CausalLM, ModelConfig
 
 log = logging.getLogger("fasttune")
@@ -72,17 +73,11 @@ def parse_dtype(dtype: str | torch.dtype | None, where: str = "dtype") -> torch.
     return _DTYPE_NAMES[key]
 
 
-def read_json(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+def read_json(path: Path, cap: int = safe_io.JSON_CAP, error: type[FasttuneError] = CheckpointError) -> dict:
+    """A JSON object from a regular file of at most `cap` bytes (safe_io states the caps)."""
+    data = safe_io.read_json(path, cap, error)
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -90,12 +85,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     """The `ModelConfig` of a checkpoint folder (or of a `config.json` path)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         raise ConfigError(f"{file}: no config.json; a model folder needs a Hugging Face config.json")
-    try:
-        d = read_json(file)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    d = read_json(file, safe_io.CONFIG_CAP, ConfigError)
     if "quantization_config" in d:
         raise ConfigError(
             f"{file}: the checkpoint is quantized ({d['quantization_config'].get('quant_method')}); "
@@ -114,7 +106,7 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
     Format: 8 bytes little-endian header length N, N bytes of JSON, then the data; each tensor's
     `data_offsets` [begin, end) is relative to the data start and must hold dtype size x prod(shape) bytes.
     """
-    size = file.stat().st_size
+    size = safe_io.check_regular(file, CheckpointError)  # a FIFO or device is refused before it is opened
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -126,8 +118,10 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
             )
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__})")
     header.pop("__metadata__", None)
     data_start, data_size = 8 + n, size - 8 - n
     for name, info in header.items():
@@ -343,7 +337,7 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> No
 
 def _read_generation_config(folder: Path) -> dict | None:
     f = folder / "generation_config.json"
-    return read_json(f) if f.exists() else None
+    return read_json(f, safe_io.CONFIG_CAP) if f.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------------------
