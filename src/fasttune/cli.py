@@ -408,6 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     except FasttuneError as e:
         print(f"fasttune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the user named: missing, unreadable, a full disk (str(e) names the file)
+        if args.verbose:
+            raise
+        print(f"fasttune: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, not the user's doing: one line, and the traceback behind -v
+        if args.verbose:
+            raise
+        print(
+            f"fasttune: internal error: {type(e).__name__}: {e} (run `fasttune -v {args.command} ...` for "
+            "the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
