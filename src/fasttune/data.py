@@ -8,7 +8,9 @@ Each becomes a list of chat messages; the line as read is kept so that splits ar
 
 Every problem is reported as `file:line: reason`, all of them at once. By default any problem stops the
 read with the whole report (`DataError`); with `skip_bad` the bad lines are left out and written, with
-their reasons, to a rejects file, so nothing is lost silently.
+their reasons, to a rejects file, so nothing is lost silently. A file left with no usable example is an
+error either way. Lines are read and parsed by fasttune.jsonl (split at "\n" only, decoded one by one,
+refused by length before parsing, strict about duplicate keys, lone surrogates and nesting).
 
 The split is grouped: all examples whose response is the same (after normalisation) land in one split.
 The reference corpus has about four prompts per saying, so a per-example split would put three quarters
