@@ -88,7 +88,10 @@ _INVISIBLE = frozenset(("Cf", "Zs", "Zl", "Zp", "Cc"))
 
 def is_blank(text: str) -> bool:
     """No visible character: only whitespace and characters of the categories in _INVISIBLE."""
-    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
+    for ch in text:  # a loop, not all(...): most texts end it at their first character
+        if not ch.isspace() and unicodedata.category(ch) not in _INVISIBLE:
+            return False
+    return True
 
 
 def _string(record: dict, key: str, *, required: bool = True, empty_ok: bool = False) -> str:
