@@ -164,9 +164,10 @@ def read_jsonl(
     )
     examples, problems = [], []
     detected_at = None
-    for n, text, unreadable in ((x.number, x.text, x.problem) for x in lines):
-        if unreadable:
-            problems.append(Problem(str(path), n, unreadable, text))
+    for line in lines:
+        n, text = line.number, line.text
+        if line.problem:  # not UTF-8, or too long: a problem of this line only
+            problems.append(Problem(str(path), n, line.problem, text))
             continue
         if not text.strip():
             continue
