@@ -113,7 +113,7 @@ def data_command(args) -> None:
     if args.data_command == "inspect":
         opts = _tokenize_options(args)
         opts.too_long, opts.max_seq_len = "truncate", 1 << 30  # inspect measures, it does not cut
-        print(corpus.inspect(sources, tok, opts))
+        print(corpus.inspect(sources, tok, opts, max_seq_len=args.max_seq_len))
         return
     opts = corpus.PrepareOptions(
         ratios=tuple(args.split),

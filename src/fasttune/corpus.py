@@ -59,7 +59,7 @@ def prepare(
     opts = opts or PrepareOptions()
     out = Path(out)
     t0 = time.perf_counter()
-    examples, rejected = read_sources(sources, skip_bad=opts.skip_bad)
+    examples, rejected = read_sources(sources, opts.skip_bad, opts.tokenize.max_seq_len)
     kept, dstats = dedup(examples)
     splits = split(kept, opts.ratios, opts.seed, opts.stratify_key)
     result = {
@@ -69,13 +69,13 @@ def prepare(
         "dedup": asdict(dstats),
         "splits": {},
     }
-    tokenized = {}
+    tokenized, dropped = {}, []
     for name in SPLITS:
         data, problems = tokenize(splits[name], tokenizer, opts.tokenize)
         fatal = [p for p in problems if "no trainable token" in p.reason]
         if fatal and not opts.skip_bad:
             raise DataError("\n".join(str(p) for p in fatal), fatal)
-        rejected += problems
+        dropped += problems
         tokenized[name] = data
         result["splits"][name] = {
             "examples": len(data),
@@ -83,6 +83,15 @@ def prepare(
             "targets": data.meta["num_targets"],
             "dropped": len(problems),
         }
+    if not any(len(tokenized[name]) for name in SPLITS):
+        # read_sources left at least one example per file, so every one of them is in `dropped`.
+        more = f" (and {len(dropped) - 1} more like it)" if len(dropped) > 1 else ""
+        raise DataError(
+            f"no usable examples in {', '.join(result['files'])}: all {len(kept)} were dropped when "
+            f"tokenized, the first as {dropped[0]}{more}",
+            dropped,
+        )
+    rejected += dropped
     # Everything checked: only now write, each file through a temporary name.
     for name in SPLITS:
         dropped_lines = set(range(len(splits[name]))) - set(tokenized[name].index.tolist())
@@ -119,10 +128,16 @@ def _percentiles(values: np.ndarray) -> str:
     return f"p50 {p[0]}, p90 {p[1]}, p99 {p[2]}, max {int(values.max())}, mean {values.mean():.1f}"
 
 
-def inspect(sources: list[Source | str], tokenizer: Tokenizer, opts: TokenizeOptions | None = None) -> str:
-    """A readable report of what the files hold (raises DataError with the report of bad lines)."""
+def inspect(
+    sources: list[Source | str],
+    tokenizer: Tokenizer,
+    opts: TokenizeOptions | None = None,
+    max_seq_len: int | None = None,
+) -> str:
+    """A readable report of what the files hold (raises DataError with the report of bad lines).
+    `max_seq_len` sets the line length limit of the reader (see fasttune.jsonl); opts measures, uncut."""
     opts = opts or TokenizeOptions(too_long="truncate", max_seq_len=1 << 30)
-    examples, _ = read_sources(sources)
+    examples, _ = read_sources(sources, max_seq_len=max_seq_len or TokenizeOptions().max_seq_len)
     kept, d = dedup(examples)
     n = len(examples)
     lines = [f"{n} examples in {len(sources)} file(s)"]

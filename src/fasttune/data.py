@@ -8,7 +8,9 @@ Each becomes a list of chat messages; the line as read is kept so that splits ar
 
 Every problem is reported as `file:line: reason`, all of them at once. By default any problem stops the
 read with the whole report (`DataError`); with `skip_bad` the bad lines are left out and written, with
-their reasons, to a rejects file, so nothing is lost silently.
+their reasons, to a rejects file, so nothing is lost silently. A file left with no usable example is an
+error either way. Lines are read and parsed by fasttune.jsonl (split at "\n" only, decoded one by one,
+refused by length before parsing, strict about duplicate keys, lone surrogates and nesting).
 
 The split is grouped: all examples whose response is the same (after normalisation) land in one split.
 The reference corpus has about four prompts per saying, so a per-example split would put three quarters
@@ -22,26 +24,19 @@ import json
 import os
 import random
 import secrets
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttune.errors import FasttuneError
+from fasttune.jsonl import DEFAULT_MAX_SEQ_LEN, DataError, LineError, line_byte_limit, parse_json, read_lines
 from fasttune.synth import normalize_text
 
 FORMATS = ("io", "messages", "alpaca")
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
-
-
-class DataError(FasttuneError, ValueError):
-    """Bad data; `problems` lists every one found, each naming its file and line."""
-
-    def __init__(self, message: str, problems: list[Problem] | None = None):
-        super().__init__(message)
-        self.problems = problems or []
 
 
 @dataclass
@@ -85,6 +80,20 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
+# Characters that show nothing: format controls (zero-width space and joiners, the byte order mark, soft
+# hyphen), space, line and paragraph separators, and control characters. A text made of these alone is
+# empty to a reader and gives the model nothing to learn, so it counts as empty like whitespace does.
+_INVISIBLE = frozenset(("Cf", "Zs", "Zl", "Zp", "Cc"))
+
+
+def is_blank(text: str) -> bool:
+    """No visible character: only whitespace and characters of the categories in _INVISIBLE."""
+    for ch in text:  # a loop, not all(...): most texts end it at their first character
+        if not ch.isspace() and unicodedata.category(ch) not in _INVISIBLE:
+            return False
+    return True
+
+
 def _string(record: dict, key: str, *, required: bool = True, empty_ok: bool = False) -> str:
     if key not in record:
         if required:
@@ -93,7 +102,7 @@ def _string(record: dict, key: str, *, required: bool = True, empty_ok: bool = F
     value = record[key]
     if not isinstance(value, str):
         raise _Bad(f"field '{key}' must be a string, got {type(value).__name__}")
-    if not empty_ok and not value.strip():
+    if not empty_ok and is_blank(value):
         raise _Bad(f"empty {'output' if key == 'output' else 'field ' + repr(key)}")
     return value
 
@@ -115,7 +124,7 @@ def _check_roles(messages: list[dict]) -> None:
             "then user and assistant turns alternating, ending with assistant)"
         )
     for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and is_blank(m["content"]):
             raise _Bad(f"empty output (message {i})")
 
 
@@ -142,26 +151,30 @@ def to_messages(record, fmt: str) -> tuple[list[dict], dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages], meta
 
 
-def read_jsonl(path: str | os.PathLike, fmt: str | None = None) -> tuple[list[Example], list[Problem]]:
-    """All valid examples of one file and the problems of the others."""
+def read_jsonl(
+    path: str | os.PathLike, fmt: str | None = None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+) -> tuple[list[Example], list[Problem]]:
+    """All valid examples of one file and the problems of the others. A line longer than
+    `line_byte_limit(max_seq_len)` bytes is a problem, found by its length before it is parsed."""
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = read_lines(
+        path, "data file", line_byte_limit(max_seq_len), limit_note=f" for max_seq_len={max_seq_len}"
+    )
     examples, problems = [], []
     detected_at = None
-    for n, text in enumerate(lines, start=1):
+    for line in lines:
+        n, text = line.number, line.text
+        if line.problem:  # not UTF-8, or too long: a problem of this line only
+            problems.append(Problem(str(path), n, line.problem, text))
+            continue
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(str(path), n, f"invalid JSON: {e.msg} (column {e.colno})", text))
+            record = parse_json(text)
+        except LineError as e:
+            problems.append(Problem(str(path), n, str(e), text))
             continue
         if fmt is None and isinstance(record, dict):
             fmt = detect_format(record)
@@ -199,21 +212,29 @@ class Source:
     weight: float = 1.0
 
 
-def read_sources(sources: list[Source | str], skip_bad: bool = False) -> tuple[list[Example], list[Problem]]:
+def read_sources(
+    sources: list[Source | str], skip_bad: bool = False, max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+) -> tuple[list[Example], list[Problem]]:
     """Read and validate every file: (examples, problems). Any problem raises DataError with the whole
-    report unless `skip_bad`, when the caller gets the problems to write to a rejects file."""
+    report unless `skip_bad`, when the caller gets the problems to write to a rejects file. Even then a
+    file with no usable example is an error: skipping bad lines must not quietly drop a whole file."""
     sources = [Source(str(s)) if isinstance(s, str | os.PathLike) else s for s in sources]
-    examples, problems = [], []
+    examples, problems, barren = [], [], []
     for src in sources:
         if src.weight < 0:
             raise DataError(f"{src.path}: weight must be >= 0, got {src.weight}")
-        got, bad = read_jsonl(src.path, src.format)
+        got, bad = read_jsonl(src.path, src.format, max_seq_len)
         for e in got:
             e.weight = src.weight
+        if not got:
+            barren.append(str(Path(src.path)))
         examples += got
         problems += bad
     if problems and not skip_bad:
         raise DataError(report(problems, len(sources)), problems)
+    if barren:
+        theirs = [p for p in problems if p.file in barren]
+        raise DataError(f"no usable examples in {', '.join(barren)}: {report(theirs, len(sources))}", theirs)
     return examples, problems
 
 

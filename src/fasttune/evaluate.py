@@ -52,6 +52,7 @@ import torch
 from fasttune.data import DataError, Example, detect_format, to_messages
 from fasttune.errors import FasttuneError
 from fasttune.generate import generate
+from fasttune.jsonl import LineError, parse_json, read_lines
 from fasttune.model import CausalLM
 from fasttune.packing import (
     TokenizedData,
@@ -241,20 +242,20 @@ def split_loss(
 def read_records(path: str | os.PathLike) -> list[Example]:
     """The records of a split file, each in its own detected format (a split may mix sources)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: split file not found (a folder from `fasttune data prepare`?)") from None
+    hint = " (a folder from `fasttune data prepare`?)"
     out = []
-    for lineno, text in enumerate(lines, start=1):
-        if not text.strip():
+    # No line limit: prepare wrote this file, from lines that passed its limit for the run's max_seq_len.
+    for line in read_lines(path, "split file", hint=hint):
+        if not line.text.strip() and not line.problem:
             continue
         try:
-            record = json.loads(text)
+            if line.problem:
+                raise LineError(line.problem)
+            record = parse_json(line.text)
             messages, meta = to_messages(record, detect_format(record) or "io")
         except Exception as e:  # the file was validated by prepare: anything here means it was edited
-            raise DataError(f"{path}:{lineno}: not a valid record ({e})") from None
-        out.append(Example(messages, meta, str(path), lineno, text))
+            raise DataError(f"{path}:{line.number}: not a valid record ({e})") from None
+        out.append(Example(messages, meta, str(path), line.number, line.text))
     return out
 
 

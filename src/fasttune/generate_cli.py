@@ -22,13 +22,13 @@ token ended it) or "length" (max-new-tokens did).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from fasttune.data import DataError, Problem, report, write_jsonl
 from fasttune.errors import FasttuneError
 from fasttune.generate import generate, load_for_generation
+from fasttune.jsonl import DEFAULT_MAX_SEQ_LEN, line_byte_limit, parse_json, read_lines
 from fasttune.packing import with_system_prompt
 
 log = logging.getLogger("fasttune")
@@ -66,22 +66,17 @@ def add_subparser(sub) -> None:
 def read_prompt_file(path: Path) -> list[dict]:
     """The prompt records of a JSONL file: {"input" or "messages", "reference"?, "meta"}; every bad line is
     reported at once, as `file:line: reason`."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: prompt file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     items, problems = [], []
-    for n, text in enumerate(lines, start=1):
-        if not text.strip():
+    for line in read_lines(path, "prompt file", line_byte_limit(DEFAULT_MAX_SEQ_LEN)):
+        if line.problem:
+            problems.append(Problem(str(path), line.number, line.problem, line.text))
+            continue
+        if not line.text.strip():
             continue
         try:
-            items.append(_prompt_record(json.loads(text)))
-        except json.JSONDecodeError as e:
-            problems.append(Problem(str(path), n, f"invalid JSON: {e.msg} (column {e.colno})", text))
-        except ValueError as e:
-            problems.append(Problem(str(path), n, str(e), text))
+            items.append(_prompt_record(parse_json(line.text)))
+        except ValueError as e:  # LineError included: invalid JSON, duplicate key, lone surrogate, depth
+            problems.append(Problem(str(path), line.number, str(e), line.text))
     if problems:
         raise DataError(report(problems, 1), problems)
     if not items:

@@ -72,6 +72,7 @@ from pathlib import Path
 
 from fasttune import judge_http
 from fasttune.errors import FasttuneError
+from fasttune.jsonl import LineError, ends_with_newline, parse_json, read_lines
 from fasttune.synth import normalize_text
 
 log = logging.getLogger("fasttune")
@@ -376,18 +377,21 @@ class JudgeCache:
         if self.path.is_dir():
             raise JudgeError(f"{self.path}: the judge cache must be a file, not a folder")
         if self.path.exists():
-            text = self.path.read_text(encoding="utf-8", errors="replace")
-            for lineno, line in enumerate(text.splitlines(), start=1):
+            for line in read_lines(self.path, "judge cache"):
+                if not line.text.strip() and not line.problem:
+                    continue
                 try:
-                    record = json.loads(line)
+                    if line.problem:
+                        raise LineError(line.problem)
+                    record = parse_json(line.text)
                     key = record["key"]
                 except (ValueError, KeyError, TypeError):
-                    log.warning("%s:%d: unreadable judge cache line skipped", self.path, lineno)
+                    log.warning("%s:%d: unreadable judge cache line skipped", self.path, line.number)
                     continue
                 # A final outcome is never replaced; a later line may replace a failure.
                 if not _final(self.records.get(key)):
                     self.records[key] = record
-            self._needs_newline = bool(text) and not text.endswith("\n")
+            self._needs_newline = not ends_with_newline(self.path)
         else:
             self._needs_newline = False
 

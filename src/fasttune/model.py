@@ -433,6 +433,39 @@ def default_position_ids(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | Non
     return pos.unsqueeze(0).expand(B, T)
 
 
+def packed_from_position_ids(
+    position_ids: torch.Tensor, shape: torch.Size
+) -> tuple[torch.Tensor, int] | None:
+    """cu_seqlens and max_seqlen over the B*T tokens of `shape` laid end to end, read from position ids
+    that start a new sequence inside a row; None when every row is one run of consecutive positions.
+
+    As transformers' masks do (masking_utils.find_packed_sequence_indices, used whenever position_ids come
+    without an attention mask): a token starts a sequence when its position is not the previous one + 1,
+    so attention never crosses a restart to 0 or any other jump. Each row's start is a start too, which is
+    what lets B > 1 rows be packed: every row is attended on its own, as in a batch. Reads the positions on
+    the host (one sync), which is why only the public `logits`/`loss` do it, and only when no cu_seqlens
+    is given: the trainer and the evaluation always pass cu_seqlens from the collator."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if (
+        position_ids.dim() != 2
+        or position_ids.shape[1] != shape[1]
+        or position_ids.shape[0] not in (1, shape[0])
+    ):
+        raise ValueError(
+            f"position_ids {tuple(position_ids.shape)} do not match input_ids {tuple(shape)}: "
+            "give [B, T] or [1, T]"
+        )
+    position_ids = position_ids.expand(shape)
+    starts = torch.ones(shape, dtype=torch.bool, device=position_ids.device)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    first = starts.flatten().nonzero().flatten()
+    if len(first) == shape[0]:  # the row starts only: no packing, the ordinary path is the same
+        return None
+    cu = torch.cat([first, first.new_tensor([starts.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The causal LM: decoder + head. The head is separate from the decoder so that a fused loss can own it.
 
@@ -484,14 +517,29 @@ class CausalLM(nn.Module):
             raise ValueError("a KV cache needs position_ids: the real positions of the new tokens")
         return self.model(input_ids, position_ids, cu_seqlens, max_seqlen, cache)
 
+    def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> torch.Tensor:
+        """forward, after reading packed sequences from position_ids when no cu_seqlens is given (see
+        packed_from_position_ids); the B rows then run as one packed row and come back as [B, T, H]."""
+        if position_ids is None or cu_seqlens is not None:
+            return self(input_ids, position_ids, cu_seqlens, max_seqlen)
+        packed = packed_from_position_ids(position_ids, input_ids.shape)
+        if packed is None:
+            return self(input_ids, position_ids, None, max_seqlen)
+        B, T = input_ids.shape
+        flat_positions = position_ids.expand(B, T).reshape(1, B * T)
+        hidden = self(input_ids.reshape(1, B * T), flat_positions, *packed)
+        return hidden.view(B, T, -1)
+
     def logits(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
         """Logits [B, T, V] in the model's dtype, as transformers computes them. Materialises [T, V]:
-        for inspection and tests, not for training on a large vocabulary."""
-        return self.lm_head(self(input_ids, position_ids, cu_seqlens, max_seqlen))
+        for inspection and tests, not for training on a large vocabulary. Position ids that restart inside
+        a row without cu_seqlens are packed sequences, as in transformers (packed_from_position_ids)."""
+        return self.lm_head(self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen))
 
     def loss(self, input_ids, targets, position_ids=None, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
         """Mean cross-entropy over targets that are not -100. Targets are already shifted: targets[t] is
         the token that follows input_ids[t], so a packed row carries -100 at each sequence's last token.
+        Restarting position ids without cu_seqlens are packed sequences, as in `logits`.
 
         This reference materialises the [T, V] logits in fp32: right for tests and short rows, but 16k tokens
         of Qwen2.5's 151,936-token vocabulary would take 9.3 GiB."""
@@ -499,7 +547,7 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
             )
-        hidden = self(input_ids, position_ids, cu_seqlens, max_seqlen)
+        hidden = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
         with region("head_loss"):
             if self.kernels == "triton":  # chunked: the [T, V] logits are never materialised
                 weight = self.lm_head.weight
