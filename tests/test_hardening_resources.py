@@ -212,3 +212,11 @@ def test_item16_cpu_run_host_peak_is_within_1_3x_of_the_planned(setup, tmp_path)
     assert got["plan"] < 1.5 * 2**30, got  # the test stays far from the machine's limit
     assert got["peak"] <= 1.3 * got["plan"], got
     assert got["peak"] >= 0.5 * got["plan"], got  # the prediction is not padded into meaninglessness
+
+
+def test_item16_dry_run_prints_the_host_plan(setup, capsys):
+    from fasttune.cli import main
+
+    assert main(["run", "--dry-run", f"model={setup / 'model'}", "device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "host memory of a run on cpu:" in out and "GiB peak (load" in out and "end of run" in out

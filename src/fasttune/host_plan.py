@@ -33,6 +33,7 @@ class HostPlan:
     load: float
     step: float
     end: float
+    device: str
 
     @property
     def peak(self) -> float:
@@ -40,8 +41,8 @@ class HostPlan:
 
     def describe(self) -> str:
         return (
-            f"host memory: {self.peak / GIB:.2f} GiB peak (load {self.load / GIB:.2f}, step "
-            f"{self.step / GIB:.2f}, end of run {self.end / GIB:.2f})"
+            f"host memory of a run on {self.device}: {self.peak / GIB:.2f} GiB peak (load "
+            f"{self.load / GIB:.2f}, step {self.step / GIB:.2f}, end of run {self.end / GIB:.2f})"
         )
 
 
@@ -69,6 +70,7 @@ def host_plan(
             runtime + stored_bytes + largest,
             runtime,
             runtime + min(SHARD_BYTES, shape.total * save_itemsize) + merge_bytes,
+            device,
         )
     rows, _ = memory_rows(shape, replace(o, kernels="torch", device="cpu", nproc=1), "single")
     parts = {r.part: r.bytes for r in rows if r.part != "overhead"}
@@ -77,6 +79,7 @@ def host_plan(
         runtime + weights + stored_bytes,
         runtime + sum(parts.values()),
         runtime + kept + save_copy + merge_bytes,
+        device,
     )
 
 
