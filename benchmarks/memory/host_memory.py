@@ -91,12 +91,11 @@ def main(argv=None) -> int:
             *args.overrides,
         ]
         out = measure(root, overrides)
-        try:
-            from fasttune.host_plan import host_plan_for_config
+        print("measured: " + json.dumps(out), flush=True)
+        from fasttune.host_plan import host_plan_for_config
 
-            out["planned_gib"] = host_plan_for_config(load_config(None, overrides)) / GIB
-        except ImportError:
-            pass
+        plan = host_plan_for_config(load_config(None, [f"output_dir={root / 'out'}", *overrides]))
+        out["planned_gib"] = {k: getattr(plan, k) / GIB for k in ("load", "step", "end", "peak")}
     json.dump(out, sys.stdout, indent=1)
     print()
     return 0

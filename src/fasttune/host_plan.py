@@ -9,7 +9,8 @@ Python and CUDA runtimes, the file pages being read while loading and the copy b
            libraries' host memory: 1.5 GiB, assumed.
   load     the weights in their training dtype, plus the safetensors file pages mapped while they are
            read (weights.read_tensors maps each file; its pages count in RSS until it is unmapped).
-  step     (CPU) weights, adapters, gradients, AdamW states, activations and the chunked loss.
+  step     (CPU) weights, adapters, gradients, AdamW states, and the larger of the backward's activations
+           + chunked loss and the optimizer step's temporaries (foreach AdamW: one per trainable parameter).
   end      (CPU) weights and AdamW states (gradients are freed by zero_grad(set_to_none)) plus the copy
            save_model makes of one shard (<= 5 GB) when the saved dtype differs from the parameters', plus,
            with lora.merge, the base read again on the CPU in the merge dtype with its file pages.
@@ -75,9 +76,13 @@ def host_plan(
     rows, _ = memory_rows(shape, replace(o, kernels="torch", device="cpu", nproc=1), "single")
     parts = {r.part: r.bytes for r in rows if r.part != "overhead"}
     kept = parts["weights"] + parts.get("adapters", 0.0) + parts["optimizer"]
+    # The backward holds the activations and the loss's buffers; AdamW's step comes after they are freed,
+    # and on the CPU (foreach, not fused) it makes one temporary per trainable parameter (sqrt(v) + eps).
+    adam_temp = parts["gradients"]
+    moving = max(parts["activations"] + parts["loss"], adam_temp)
     return HostPlan(
         runtime + weights + stored_bytes,
-        runtime + sum(parts.values()),
+        runtime + kept + parts["gradients"] + moving,
         runtime + kept + save_copy + merge_bytes,
         device,
     )
