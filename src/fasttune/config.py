@@ -32,6 +32,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")
 
 
+# Test prompts generated for by a run's end-of-run evaluation and by `fasttune eval` unless told otherwise:
+# enough for stable distinct-n and memorisation shares, a few minutes at most of greedy decoding on a CPU.
+EVAL_EXAMPLES = 200
+
+
 @dataclass
 class DataConfig:
     files: list[str] = field(default_factory=list)  # JSONL files; empty: the built-in proverb corpus
@@ -95,7 +100,7 @@ class RunConfig:
     log_every: int = 10  # plain log lines (metrics.jsonl gets every step)
     tensorboard: bool = False
     samples: int = 3  # generated examples printed at the end
-    eval_examples: int = 200  # test prompts generated for at the end, with their metrics in eval.json
+    eval_examples: int = EVAL_EXAMPLES  # test prompts generated for at the end (metrics in eval.json)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -2,7 +2,7 @@
 an LLM judge and compared with another model; one JSON report.
 
     fasttune eval --run OUT                                   # OUT/model or OUT/adapter on OUT/data
-    fasttune eval --model DIR [--adapter DIR] --data DATA_DIR [--split test] [--max-examples N]
+    fasttune eval --model DIR [--adapter DIR] --data DATA_DIR [--split test] [--max-examples N | --all]
     fasttune eval --run OUT --judge-url http://host:8000/v1 --judge-model NAME [--rubric FILE]
     fasttune eval --run OUT --compare OTHER_DIR --judge-url ... --judge-model ...   # + pairwise A/B
 
@@ -17,6 +17,7 @@ import gc
 from pathlib import Path
 
 from fasttune import judge
+from fasttune.config import EVAL_EXAMPLES
 from fasttune.errors import FasttuneError
 from fasttune.evaluate import evaluate_run, write_report
 
@@ -48,8 +49,12 @@ def add_subparser(sub) -> None:
     )
     gen = p.add_argument_group("generation")
     gen.add_argument(
-        "--max-examples", type=int, metavar="N", help="generate for the first N examples (default: all)"
+        "--max-examples",
+        type=int,
+        metavar="N",
+        help=f"generate for the first N examples (default: {EVAL_EXAMPLES}, as a run's own evaluation)",
     )
+    gen.add_argument("--all", action="store_true", help="generate for every example of the split")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -132,6 +137,13 @@ def _judge_setup(args, out: Path):
     return client, rubric, pairwise, cache
 
 
+def _max_examples(args) -> int | None:
+    """How many prompts to generate for: --max-examples N, every one with --all, else the run's default."""
+    if args.all:
+        return None
+    return EVAL_EXAMPLES if args.max_examples is None else args.max_examples
+
+
 def _evaluate(path: Path, adapter: Path | None, data: Path, args) -> dict:
     from fasttune.generate import load_for_generation
 
@@ -143,7 +155,7 @@ def _evaluate(path: Path, adapter: Path | None, data: Path, args) -> dict:
             data,
             split=args.split,
             micro_batch_tokens=args.micro_batch_tokens,
-            max_examples=args.max_examples,
+            max_examples=_max_examples(args),
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -195,6 +207,8 @@ def command(args) -> int:
     model, data, out = _resolve(args)
     if args.max_examples is not None and args.max_examples < 0:
         raise FasttuneError(f"--max-examples must be >= 0, got {args.max_examples}")
+    if args.all and args.max_examples is not None:
+        raise FasttuneError("--all and --max-examples N contradict each other: give one")
     setup = _judge_setup(args, out)  # a bad URL, key variable or prompt file fails before any loading
     report = _evaluate(model, args.adapter, data, args)
     if args.compare is not None:

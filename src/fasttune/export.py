@@ -8,7 +8,7 @@ folder, or one GGUF file for llama.cpp and Ollama.
 Formats:
     hf      the full model re-saved (`weights.save_model`), optionally cast with `dtype`
     peft    the adapter re-saved in PEFT format (`lora.save_adapter`), with the tokenizer
-    merged  base + adapter folded together (`lora.merge_lora`), saved as a full folder
+    merged  base + adapter folded together in fp32 (`merge.merge_to_folder`), saved as a full folder
     gguf    one .gguf file (`export_gguf.write_gguf`); an adapter is merged first
 
 The source. `model_dir` is a Hugging Face folder, an adapter folder (its `base_model_name_or_path` names
@@ -98,6 +98,12 @@ def _check_output(out: Path, sources: list[Path], force: bool, is_file: bool) ->
             raise FasttuneError(f"{out}: exists and is not a folder")
 
 
+def _load(base: Path, dtype):
+    from fasttune.weights import load_model
+
+    return load_model(base, dtype=dtype, kernels="torch")
+
+
 def _swap_into_place(built: Path, out: Path) -> None:
     """Rename a finished folder to `out`; an existing `out` is moved aside first and deleted after."""
     old = None
@@ -125,8 +131,9 @@ def export(
     (default), f16, f32 or q8_0. force: replace an existing output. name: gguf's general.name (default:
     the model folder's name).
     """
-    from fasttune.lora import load_adapter, merge_lora, save_adapter
-    from fasttune.weights import load_model, save_model
+    from fasttune.lora import load_adapter, save_adapter
+    from fasttune.merge import load_merged, merge_to_folder
+    from fasttune.weights import save_model
 
     if format not in FORMATS:
         raise FasttuneError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -158,27 +165,25 @@ def export(
         # Merging in fp32 rounds the merged weight once, into the GGUF type, instead of twice.
         load_dtype = "float32" if adapter is not None else None
     tokenizer = _load_tokenizer(base, adapter, required=format == "gguf")
-    model = load_model(base, dtype=load_dtype, kernels="torch")
-    if adapter is not None:
-        load_adapter(model, adapter)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "gguf":
-        if adapter is not None:
-            merge_lora(model)
+        model = load_merged(base, adapter, load_dtype) if adapter is not None else _load(base, load_dtype)
         write_gguf(model, tokenizer, out, quant=quant, name=name or (adapter or base).resolve().name)
         return out
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         built = staging / out.name
         if format == "peft":
+            model = _load(base, dtype)
+            load_adapter(model, adapter)
             save_adapter(model, built, base_model_path=str(base.resolve()))
             if tokenizer is not None:
                 tokenizer.save(built)
+        elif format == "merged":
+            merge_to_folder(base, adapter, built, tokenizer=tokenizer, dtype=dtype)
         else:
-            if format == "merged":
-                merge_lora(model)
-            save_model(model, built, tokenizer=tokenizer, dtype=dtype)
+            save_model(_load(base, dtype), built, tokenizer=tokenizer, dtype=dtype)
         _swap_into_place(built, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttune.attention import attention, attention_backend
+from fasttune.chunked_loss import chunked_cross_entropy
 from fasttune.errors import ConfigError
 from fasttune.ops import choose_kernels
 from fasttune.profile import region
@@ -541,8 +542,9 @@ class CausalLM(nn.Module):
         the token that follows input_ids[t], so a packed row carries -100 at each sequence's last token.
         Restarting position ids without cu_seqlens are packed sequences, as in `logits`.
 
-        This reference materialises the [T, V] logits in fp32: right for tests and short rows, but 16k tokens
-        of Qwen2.5's 151,936-token vocabulary would take 9.3 GiB."""
+        kernels="triton": the fused chunked op (ops/linear_cross_entropy.py); "torch": the same chunking in
+        PyTorch (chunked_loss.py). Neither materialises the [T, V] logits, which for 16k tokens of Qwen2.5's
+        151,936-token vocabulary would take 9.3 GiB in fp32."""
         if targets.shape != input_ids.shape:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
@@ -556,8 +558,8 @@ class CausalLM(nn.Module):
                     hidden, weight = hidden.to(dtype), weight.to(dtype)
                 total, count = _triton().linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
                 return total / count
-            logits = self.lm_head(hidden).float()
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            # chunked: [T, V] fp32 log-probabilities and their gradients never whole (chunked_loss.py)
+            return chunked_cross_entropy(hidden, self.lm_head.weight, targets)
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""

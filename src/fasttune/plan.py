@@ -400,7 +400,12 @@ def plan_for_run(
     )
     plan = make_plan(shape, o, g, memory, tokens, source)
     plan.notes += notes
-    return format_plan(plan, hints(shape, o, g, plan))
+    text = format_plan(plan, hints(shape, o, g, plan))
+    if cfg.model is not None and Path(cfg.model).is_dir():  # the run's own device, from its folder's files
+        from fasttune.host_plan import host_plan_for_config
+
+        text += "\n" + host_plan_for_config(cfg).describe()
+    return text
 
 
 def add_subparser(sub) -> None:

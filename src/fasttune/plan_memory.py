@@ -17,8 +17,8 @@ Memory per GPU, by part, following what `train.py` actually allocates for each m
               layers, plus a recomputed block and its gradients.
   loss        kernels=triton: the chunked linear + cross-entropy (ops/linear_cross_entropy.py) keeps
               grad_hidden [T, H] fp32, one chunk of logits (<= 512 MiB) and, when the head trains, an fp32
-              [V, H] gradient. kernels=torch: the [T, V] fp32 log-probabilities that cross_entropy saves,
-              and two [T, V] fp32 gradients in the backward: 12 V bytes per token.
+              [V, H] gradient. kernels=torch: the same chunking in PyTorch (chunked_loss.py): the head's
+              input, a logsumexp per token, three fp32 chunks of logits (64 MiB each), the [V, H] gradient.
   overhead    the CUDA context, cuBLAS workspaces and Triton's kernels (0.75 GiB, assumed) and the caching
               allocator's fragmentation (5% of the rest, assumed).
 Several processes (parallelize.py): FSDP2 divides weights, gradients and optimizer states by N and adds
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fasttune.chunked_loss import chunk_tokens
 from fasttune.errors import FasttuneError
 from fasttune.lora import LoraConfig, apply_lora
 from fasttune.model import CausalLM, ModelConfig
@@ -214,9 +215,13 @@ def loss_bytes(shape: Shape, o: Options, T: int, strategy: str = "single") -> fl
         const = _chunk_tokens(T, V, a) * V * a
         const += (4 * V * H if full else 0) + (2 * V * H if cast else 0)  # fp32 grad_weight; bf16 weight copy
         return T * per_token + const
+    # kernels=torch: chunked_loss.py keeps the head's input (a H; recomputing the logits needs it) and
+    # each token's logsumexp (4), and has about three [C, V] fp32 buffers of one chunk alive at once; the
+    # head's fp32 gradient [V, H] when it trains, its autocast copy (2 V H) over fp32 weights.
     norm_out = 4 if cast else a
-    per_token = 4 * H + 4 + (norm_out * H if full else 0) + (a * H if full else 0) + 12 * V
-    return T * per_token
+    per_token = 4 * H + 4 + (norm_out * H if full else 0) + a * H + 4
+    const = 3 * min(chunk_tokens(V), T) * V * 4 + (4 * V * H if full else 0) + (2 * V * H if cast else 0)
+    return T * per_token + const
 
 
 @dataclass
@@ -316,7 +321,7 @@ def memory_rows(shape: Shape, o: Options, strategy: str) -> tuple[list[Row], flo
         act_note = f"{T:,} tokens x ({L} + 1) blocks x {per / 1024:.1f} KiB per token"
     rows.append(Row("activations", act, act_note))
     loss_note = (
-        "chunked linear + cross-entropy" if o.kernels == "triton" else "[T, V] fp32 log-probs + gradients"
+        "chunked linear + cross-entropy" if o.kernels == "triton" else "chunked cross-entropy (PyTorch)"
     )
     rows.append(Row("loss", loss_bytes(shape, o, T, strategy), loss_note))
     rest = sum(r.bytes for r in rows)

@@ -685,6 +685,12 @@ def _command(args) -> int:
                 raise FasttuneError(
                     f"--shape: expected sizes joined by x, e.g. 4096x896; got {args.shape}"
                 ) from None
+        _check_op(args.op)
+        from fasttune.interpreter import interpreter_for_cpu
+
+        rerun = interpreter_for_cpu(args)
+        if rerun is not None:
+            return rerun
         rows = profile_op(args.op, shapes, args.dtype, args.device, args.reps)
         print_op_table(rows)
         return 0

@@ -61,7 +61,6 @@ from fasttune.weights import (
     _read_generation_config,
     _set_parameter,
     check_checkpoint,
-    load_model,
     read_tensors,
     save_model,
 )
@@ -426,10 +425,7 @@ def merge_into_base(
 ) -> Path:
     """Merge a (Q)LoRA adapter into the unquantised base read fresh from `base_path` (W + s B A in fp32,
     cast to `dtype`, default the checkpoint's), and save a Hugging Face folder. Host memory: the base
-    model in `dtype`, on the CPU."""
-    from fasttune.lora import load_adapter, merge_lora
+    model in `dtype` (or fp32, see fasttune.merge), on the CPU. The one merge path: merge_to_folder."""
+    from fasttune.merge import merge_to_folder
 
-    model = load_model(base_path, dtype=dtype, device="cpu", kernels="torch")
-    load_adapter(model, adapter_path)
-    merge_lora(model)
-    return save_model(model, out, tokenizer=tokenizer, dtype=dtype)
+    return merge_to_folder(base_path, adapter_path, out, tokenizer=tokenizer, dtype=dtype)

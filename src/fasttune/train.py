@@ -607,26 +607,27 @@ def _finish(cfg, model, tokenizer, data, device, out: Path, result: RunResult) -
         print(f"test loss {result.test_loss:.4f} (perplexity {math.exp(min(result.test_loss, 50)):.2f})")
     save_dtype = parse_dtype(model.config.hf.get("dtype") or model.config.hf.get("torch_dtype") or "float32")
     if cfg.method in ("lora", "qlora"):
-        from fasttune.lora import merge_lora, save_adapter
+        from fasttune.lora import save_adapter
 
         base = cfg.model or str(out / "base_model")
         save_adapter(model, out / "adapter", base_model_path=str(Path(base).resolve()))
         tokenizer.save(out / "adapter")
         print(f"adapter: {out / 'adapter'} (PEFT format, base {base})")
-        if cfg.lora.merge and cfg.method == "qlora":  # into the bf16 base read fresh, not the NF4 one
-            from fasttune.qlora import merge_into_base
+        if cfg.lora.merge:  # the export's merge: into the base read fresh (not the bf16/NF4 copy trained on)
+            from fasttune.merge import merge_to_folder
 
-            merge_into_base(base, out / "adapter", out / "merged", tokenizer=tokenizer, dtype=save_dtype)
-            print(f"merged model: {out / 'merged'} (adapter merged into the unquantised base)")
-        elif cfg.lora.merge:
-            merge_lora(model)
-            save_model(model, out / "merged", tokenizer=tokenizer, dtype=save_dtype)
-            print(f"merged model: {out / 'merged'}")
+            merge_to_folder(base, out / "adapter", out / "merged", tokenizer=tokenizer, dtype=save_dtype)
+            saved_as = _dtype_name(save_dtype)
+            print(f"merged model: {out / 'merged'} (base + adapter in fp32, saved as {saved_as})")
     else:
         save_model(model, out / "model", tokenizer=tokenizer, dtype=save_dtype)
         print(f"model: {out / 'model'} (Hugging Face format)")
     if len(data["test"]) and (cfg.samples or cfg.eval_examples):
         _report(cfg, model, tokenizer, out, result)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _report(cfg, model, tokenizer, out: Path, result: RunResult) -> None:
