@@ -212,6 +212,10 @@ def run_command(args) -> int:
     if args.nproc > 1 and not (args.print_config or args.dry_run):
         from fasttune import distributed
 
+        if not args.resume:  # refused here, before N processes start (a resume checks its checkpoint's)
+            distributed.split_global_batch(
+                cfg.tokens_per_step, cfg.micro_batch_tokens, cfg.data.max_seq_len, args.nproc
+            )
         distributed.launch(args.nproc, _without_nproc(args.argv))  # does not return
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -219,7 +223,9 @@ def run_command(args) -> int:
     if args.dry_run:
         dry_run(cfg, nproc=args.nproc, gpu=args.gpu, shape=args.shape)
         return 0
-    result = train.run(cfg, resume=args.resume)
+    result = train.run(
+        cfg, resume=args.resume, force=args.force, allow_config_change=args.allow_config_change
+    )
     if result.stopped == "signal":
         return 0
     if result.val_loss is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -342,6 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="a YAML config (default: the built-in tiny run)")
     run.add_argument("overrides", nargs="*", help="key=value or ~key (reset to the default)")
     run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    run.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue even where model, data, batch, optimizer, schedule, seed, method, "
+        "LoRA or precision differ from the run's config.yaml",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty folder that is not a fasttune run, or start a run's folder over "
+        "(its previous outputs are removed)",
+    )
     run.add_argument(
         "--nproc",
         type=int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -251,6 +252,75 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+# Finite, plausible ranges for every numeric key: (low, high, low included, high included). Past these a
+# value is a typo or an overflow, not a recipe: lr above 1 diverges AdamW at once, 1e9 steps is decades of
+# GPU time, 2**24 tokens is far above what one micro-batch of the supported models fits in any GPU's
+# memory, and a count this large (max_steps=1e29, epochs=1e300) would overflow the schedule's arithmetic.
+BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
+    "seed": (0, 2**32 - 1, True, True),  # numpy's and Python's generators take it as a 32-bit word
+    "epochs": (0, 1e4, False, True),
+    "max_steps": (1, 1e9, True, True),
+    "micro_batch_tokens": (16, 2**24, True, True),
+    "tokens_per_step": (16, 2**30, True, True),
+    "eval_every": (1, 1e9, True, True),
+    "save_every": (1, 1e9, True, True),
+    "log_every": (1, 1e9, True, True),
+    "keep_checkpoints": (2, 1000, True, True),
+    "early_stopping": (1, 1e6, True, True),
+    "nonfinite_skips": (0, 1e6, True, True),
+    "samples": (0, 1e6, True, True),
+    "eval_examples": (0, 1e7, True, True),
+    "data.synth_n": (1, 1e7, True, True),
+    "data.max_seq_len": (2, 2**24, True, True),  # one target needs two tokens
+    "data.weights": (0, 1e3, True, True),
+    "data.split": (0, 1, True, True),
+    "optim.lr": (0, 1, False, True),
+    "optim.weight_decay": (0, 10, True, True),
+    "optim.betas": (0, 1, True, False),
+    "optim.eps": (0, 1, False, True),
+    "optim.warmup": (0, 1, True, False),
+    "optim.min_lr_ratio": (0, 1, True, True),
+    "optim.grad_clip": (0, 1e6, True, True),  # 0: no clipping
+    "lora.r": (1, 4096, True, True),
+    "lora.alpha": (0, 1e6, False, True),
+    "lora.dropout": (0, 1, True, False),
+}
+
+
+def _value(cfg: RunConfig, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _check_bounds(cfg: RunConfig) -> None:
+    """Every numeric key inside its range (BOUNDS), NaN and infinities refused, with the key and the
+    range named."""
+    for path, (low, high, low_in, high_in) in BOUNDS.items():
+        value = _value(cfg, path)
+        items = (
+            [(path, value)]
+            if not isinstance(value, list)
+            else [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        )
+        for key, v in items:
+            if v is None:
+                continue
+            ok = (
+                math.isfinite(v)
+                and (low <= v if low_in else low < v)
+                and (v <= high if high_in else v < high)
+            )
+            if not ok:
+                span = f"{'[' if low_in else '('}{_number(low)}, {_number(high)}{']' if high_in else ')'}"
+                raise ConfigError(f"config: {key} must be a finite number in {span}, got {v!r}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Values that have the right type but cannot work, each with the key named."""
 
@@ -312,6 +382,7 @@ def validate(cfg: RunConfig) -> None:
         cfg.lora.r >= 1 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
         "lora: r >= 1, alpha > 0 and 0 <= dropout < 1",
     )
+    _check_bounds(cfg)
     for f in cfg.data.files:
         need(Path(f).is_file(), f"data.files: {f} not found")
     if cfg.model is not None:

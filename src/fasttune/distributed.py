@@ -10,6 +10,7 @@ on GPUs, so small host-side agreements (the GeForce decision below) run on gloo 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -117,6 +118,79 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The global batch over N processes
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """One optimizer step: `world_size` processes x `accumulate` micro-batches, each packed to `budget`
+    tokens at most."""
+
+    accumulate: int
+    budget: int
+    world_size: int
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches in one optimizer step, over all processes."""
+        return self.accumulate * self.world_size
+
+    @property
+    def global_tokens(self) -> int:
+        return self.per_step * self.budget
+
+    def describe(self, micro_batch_tokens: int) -> str:
+        return (
+            f"{self.world_size} process(es) x {self.accumulate} micro-batch(es) of {self.budget} tokens per "
+            f"step: the global batch of {self.global_tokens} tokens (micro_batch_tokens {micro_batch_tokens} "
+            "is the most one micro-batch holds)"
+        )
+
+
+def split_global_batch(
+    tokens_per_step: int | None,
+    micro_batch_tokens: int,
+    max_seq_len: int,
+    world_size: int,
+    budget: int | None = None,
+) -> StepLayout:
+    """`tokens_per_step` (default: one micro-batch) is the global batch whatever the number of processes:
+    it is split into world_size x accumulate equal micro-batches, with the fewest micro-batches whose
+    budget is at most `micro_batch_tokens`. Rounding up to whole micro-batches of `micro_batch_tokens`
+    per process would multiply the global batch (by N for the default of one micro-batch), changing the
+    recipe; a split that cannot be equal, or whose micro-batches could not hold a sequence of
+    `max_seq_len`, is refused with the numbers. `budget`: the one a resumed checkpoint packed, kept when
+    this world size can share its micro-batches equally (the same bins: the same trajectory)."""
+    total, w = tokens_per_step or micro_batch_tokens, world_size
+    what = f"tokens_per_step {total}" if tokens_per_step else f"the global batch (micro_batch_tokens {total})"
+    if budget is not None:
+        if total % budget == 0 and (total // budget) % w == 0 and max_seq_len <= budget <= micro_batch_tokens:
+            return StepLayout(total // budget // w, budget, w)
+        bins = total // max(budget, 1)
+        raise FasttuneError(
+            f"--resume: the checkpoint packs {bins} micro-batch(es) of {budget} tokens per step, which {w} "
+            f"process(es) cannot share equally: resume with a number of processes that divides {bins}"
+        )
+    accumulate = math.ceil(total / (w * micro_batch_tokens))
+    parts = w * accumulate
+    if total % parts:
+        lower, upper = total // parts * parts, (total // parts + 1) * parts
+        raise FasttuneError(
+            f"{what} cannot be split into {w} process(es) x {accumulate} micro-batch(es) of equal size "
+            f"(micro_batch_tokens {micro_batch_tokens} at most): set tokens_per_step to a multiple of "
+            f"{parts}, e.g. {lower} or {upper}"
+        )
+    share = total // parts
+    if share < max_seq_len:
+        raise FasttuneError(
+            f"{what} over {w} process(es) x {accumulate} micro-batch(es) gives micro-batches of {share} "
+            f"tokens, too short for data.max_seq_len {max_seq_len}: set tokens_per_step to at least "
+            f"{parts * max_seq_len}, or lower data.max_seq_len"
+        )
+    return StepLayout(accumulate, share, w)
 
 
 # ----------------------------------------------------------------------------------------------------------

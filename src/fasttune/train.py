@@ -13,12 +13,12 @@ so the resumed run's losses are those the uninterrupted run would have had.
 
 Under torchrun (N processes) the loop is the same with three changes. Data: every rank draws the same
 global sequence of packed micro-batches (same seed) and takes every N-th, so the ranks see disjoint data
-with the same token budget; `tokens_per_step` is the global batch (accumulation = tokens_per_step /
-(micro_batch_tokens x N)), and the number of target tokens of the whole global step, which every rank
-can count on the host from the bins it drew, normalises the loss. Agreement: one all-reduce per step
-carries the summed loss and each rank's stop flag, so a signal on any rank stops every rank at the same
-step boundary, after the same checkpoint. Files: rank 0 prepares data and writes logs and exports; the
-checkpoint is written by all ranks together (checkpoint.py).
+with the same token budget; `tokens_per_step` is the global batch, split into N x accumulate equal
+micro-batches of at most micro_batch_tokens (distributed.split_global_batch), and the number of target
+tokens of the whole global step, which every rank can count on the host from the bins it drew, normalises
+the loss. Agreement: one all-reduce per step carries the summed loss and each rank's stop flag, so a
+signal on any rank stops every rank at the same step boundary, after the same checkpoint. Files: rank 0
+prepares data and writes logs and exports; the checkpoint is written by all ranks together (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from fasttune import builtin, corpus, distributed, synth
+from fasttune import builtin, config_diff, corpus, distributed, run_folder, synth
 from fasttune.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from fasttune.config import RunConfig
 from fasttune.data import Source, write_jsonl
@@ -369,25 +369,39 @@ def _prepare_inputs(cfg: RunConfig, out: Path, env: Dist):
     return tokenizer, data
 
 
-def run(cfg: RunConfig, resume: bool = False, on_step=None) -> RunResult:
+def run(
+    cfg: RunConfig,
+    resume: bool = False,
+    on_step=None,
+    *,
+    force: bool = False,
+    allow_config_change: bool = False,
+) -> RunResult:
     """Train as `cfg` says. `on_step(step, record)` is called after each optimizer step (tests use it).
-    Under torchrun every rank calls this; rank 0's result carries the exports and samples."""
+    Under torchrun every rank calls this; rank 0's result carries the exports and samples. The output
+    folder is checked and locked first (run_folder.py): `force` writes into a folder that is not a run's,
+    or starts a run's folder over; `allow_config_change` resumes with trajectory keys changed."""
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     env = distributed.init(device)
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     try:
-        return _run(cfg, resume, on_step, out, device, env)
+        with run_folder.claim(
+            cfg, env, resume=resume, force=force, allow_config_change=allow_config_change
+        ) as folder:
+            result = _run(cfg, resume, on_step, out, device, env, folder.reapply)
+            if result.stopped != "signal":
+                folder.finished(result.step)
+            return result
     finally:
         if env.enabled:
             distributed.shutdown()
 
 
-def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device, env: Dist) -> RunResult:
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+def _run(
+    cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device, env: Dist, reapply: bool
+) -> RunResult:
     torch.manual_seed(cfg.seed)
     tokenizer, data = _prepare_inputs(cfg, out, env)
     par = build_parallel(cfg, tokenizer, device, out, env)
@@ -395,19 +409,18 @@ def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device,
     model.train()
 
     train = data["train"]
-    sampler = PackedSampler(train.lengths, cfg.micro_batch_tokens, seed=cfg.seed, weights=train.weight)
     W = env.world_size
-    accumulate = math.ceil((cfg.tokens_per_step or cfg.micro_batch_tokens) / (cfg.micro_batch_tokens * W))
-    per_step = accumulate * W  # micro-batches in one optimizer step, over all ranks
-    if env.is_main and cfg.tokens_per_step and cfg.tokens_per_step != per_step * cfg.micro_batch_tokens:
-        log.info(
-            "tokens_per_step %d is not a multiple of micro_batch_tokens x %d processes: each step takes %d "
-            "micro-batches of %d tokens",
-            cfg.tokens_per_step,
-            W,
-            per_step,
-            cfg.micro_batch_tokens,
-        )
+    layout = distributed.split_global_batch(
+        cfg.tokens_per_step,
+        cfg.micro_batch_tokens,
+        cfg.data.max_seq_len,
+        W,
+        run_folder.saved_budget(out, cfg) if resume else None,
+    )
+    if env.is_main and layout.budget != cfg.micro_batch_tokens:
+        log.info(layout.describe(cfg.micro_batch_tokens))
+    budget, per_step = layout.budget, layout.per_step  # per_step: micro-batches in one step, all ranks
+    sampler = PackedSampler(train.lengths, budget, seed=cfg.seed, weights=train.weight)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(sampler) / per_step))
     optimizer, scheduler = build_optimizer(cfg, model, device, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -425,7 +438,11 @@ def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device,
         if ckpt is None:
             raise FasttuneError(f"--resume: {why}")
         meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, dist=env)
-        sampler.load_state_dict(meta["sampler"])
+        # a changed config (allowed or an extension) goes on from here with its own hyperparameters; a new
+        # seed continues at the saved position, in the new seed's order of bins
+        sampler.load_state_dict({**meta["sampler"], "seed": cfg.seed} if reapply else meta["sampler"])
+        if reapply:
+            config_diff.reapply_hyperparameters(cfg, optimizer, scheduler)
         step, best_val, bad_evals, skips = meta["step"], meta["best_val"], meta["bad_evals"], meta["skips"]
         metrics.drop_after(step)
         if env.is_main:
@@ -435,6 +452,7 @@ def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device,
     def save() -> Path:
         nonlocal last_saved
         meta = {"best_val": best_val, "bad_evals": bad_evals, "skips": skips, "config": cfg.to_dict()}
+        meta["micro_batch_budget"] = budget  # a resume packs the same bins (run_folder.saved_budget)
         path = save_checkpoint(
             out,
             step,
@@ -455,9 +473,7 @@ def _run(cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device,
         while step < total_steps:
             t0 = time.perf_counter()
             bins = [next(batches) for _ in range(per_step)]
-            micro = [
-                collate(train, bins[i], pad_to=cfg.micro_batch_tokens) for i in range(env.rank, per_step, W)
-            ]
+            micro = [collate(train, bins[i], pad_to=budget) for i in range(env.rank, per_step, W)]
             if env.enabled:  # the whole step's targets and tokens, counted on the host: no collective
                 n_targets = sum(count_targets(train, b) for b in bins)
                 tokens = int(sum(train.lengths[i] for b in bins for i in b))
