@@ -175,8 +175,11 @@ def check_meta(folder: Path, meta: dict, n_groups: int | None) -> None:
                 _need_number(g[k], f"optimizer.param_groups[{i}].{k}", folder)
     for i, lr in enumerate(base_lrs):
         _need_number(lr, f"scheduler.base_lrs[{i}]", folder)
-    for key in ("sampler.epoch", "sampler.position", "sampler.seed", "bad_evals", "skips"):
+    for key in ("sampler.epoch", "sampler.position", "bad_evals", "skips"):
         _need_count(meta, key, folder)
+    seed = _get(meta, "sampler.seed", folder)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise CheckpointError(f"checkpoint {folder}/meta.json: sampler.seed must be an integer, got {seed!r}")
     if meta["skips"] > step:
         raise CheckpointError(f"checkpoint {folder}/meta.json: skips {meta['skips']} exceeds the step {step}")
     _need_number(_get(meta, "best_val", folder), "best_val", folder, finite=False)  # inf before any eval
