@@ -9,13 +9,18 @@ A checkpoint is a folder `checkpoints/step-00000500/`:
                          checkpoint written by N processes resumes in M (or in one, without a process group).
   rng-<rank>.safetensors torch's CPU and CUDA generator states of each rank
   meta.json              everything else (step, optimizer hyperparameters, scheduler, sampler position,
-                         Python RNG, the world size, metrics, the resolved config), written last by rank 0: a
-                         folder without it is incomplete
+                         Python RNG, the world size, metrics, the resolved config) and the size and sha256 of
+                         every other file (checkpoint_check.py), written last by rank 0: a folder without it
+                         is incomplete
 Every rank writes into `.step-00000500.tmp`; after a barrier rank 0 writes meta.json and renames the folder
 into place; then `checkpoints/latest` is replaced (by a rename) to name it; then all but the newest `keep`
 are removed. A crash at any point leaves the previous checkpoint whole and findable: `find_latest` trusts
 `latest` only if it names a complete folder, and otherwise takes the newest complete one. Several machines
-need `output_dir` on a shared filesystem.
+need `output_dir` on a shared filesystem. An operating-system error while writing (a full disk) is one
+line naming the checkpoint and the free space; the partial folder is removed and the previous one kept.
+
+A resume reads nothing before meta.json has been cross-checked and every file's size and digest verified
+(checkpoint_check.py); a refused resume changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,11 +36,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fasttune.distributed import SINGLE, Dist, barrier
+from fasttune import checkpoint_check as check
+from fasttune.distributed import SINGLE, Dist, agree_any, barrier
 from fasttune.errors import CheckpointError
 
 log = logging.getLogger("fasttune")
-_NAME = re.compile(r"step-(\d{8})")
+_NAME = check.NAME
 _ADAM_STATES = ("exp_avg", "exp_avg_sq", "step")
 
 
@@ -108,44 +113,34 @@ def save_checkpoint(
     dist: Dist = SINGLE,
 ) -> Path:
     """Every rank calls this at the same step (it holds collectives)."""
+    from torch.distributed.checkpoint import CheckpointException
+
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".{final.name}.tmp"
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-        (tmp / "state").mkdir(parents=True)
-    barrier()
     try:
+        _all_or_none(lambda: _prepare(root, tmp) if dist.is_main else None, f"preparing {tmp}")
         _save_state(_state_dict(model, optimizer), tmp / "state")
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        _save_tensors(rng, tmp / f"rng-{dist.rank:05d}.safetensors")
-        barrier()
+        _all_or_none(lambda: _save_tensors(_rng_state(), tmp / f"rng-{dist.rank:05d}.safetensors"), str(tmp))
+        digests = check.record_digests(tmp, dist)  # after every rank's files are written (the agreement)
+
+        def finish():
+            if dist.is_main:
+                _publish(
+                    root,
+                    tmp,
+                    final,
+                    _full_meta(step, dist, optimizer, scheduler, sampler_state, meta, digests),
+                )
+
+        _all_or_none(finish, f"writing {final}")
+    except (OSError, CheckpointException) as e:
         if dist.is_main:
-            state = random.getstate()
-            pyrng = [state[0], list(state[1]), state[2]]
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            full_meta = {
-                "step": step,
-                "world_size": dist.world_size,
-                "optimizer": {"param_groups": groups},
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler_state,
-                "python_rng": pyrng,
-                **meta,
-            }
-            with open(tmp / "meta.json", "w") as f:  # last: its presence marks the folder complete
-                json.dump(full_meta, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if final.exists():  # a re-save of the same step (a resumed run stopped at once)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_latest(root, final.name)
+            shutil.rmtree(tmp, ignore_errors=True)  # first: the free space reported is after the clean-up
+        error = check.write_failure(e, root, final, _previous(root, final))
+        if error is None:
+            raise
+        raise error from None
     finally:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -157,13 +152,81 @@ def save_checkpoint(
     return final
 
 
-def _write_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=root)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
+def _all_or_none(work, what: str) -> None:
+    """Run this rank's part of a write, then agree (the agreement is also the barrier): an OSError on any
+    rank raises on every rank, so that no rank waits for a collective that a failed rank never joins."""
+    error = None
+    try:
+        work()
+    except OSError as e:
+        error = e
+    if agree_any(error is not None):
+        if error is not None:
+            raise error
+        raise CheckpointError(f"{what} failed on another rank (its error says why)")
+
+
+def _prepare(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+    (tmp / "state").mkdir(parents=True)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    return rng
+
+
+def _full_meta(step, dist, optimizer, scheduler, sampler_state, meta, digests) -> dict:
+    state = random.getstate()
+    pyrng = [state[0], list(state[1]), state[2]]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {
+        "step": step,
+        "world_size": dist.world_size,
+        "optimizer": {"param_groups": groups},
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler_state,
+        "python_rng": pyrng,
+        **meta,
+        "files": digests,
+    }
+
+
+def _publish(root: Path, tmp: Path, final: Path, full_meta: dict) -> None:
+    """Rank 0: meta.json last (its presence marks the folder complete), the rename, then `latest`."""
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(full_meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (a resumed run stopped at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_latest(root, final.name)
+
+
+def _previous(root: Path, final: Path) -> Path | None:
+    if not root.is_dir():
+        return None
+    kept = [p for p in _complete(root) if p != final]
+    return kept[-1] if kept else None
+
+
+def _write_latest(root: Path, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=root)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "latest")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     _fsync_dir(root)
 
 
@@ -194,11 +257,12 @@ def find_latest(output_dir: str | os.PathLike) -> tuple[Path | None, str]:
 def _check_keys(folder: Path, state: dict[str, torch.Tensor]) -> None:
     """Clear errors before any tensor is read: the names and global shapes the checkpoint holds against
     those of this model and optimizer."""
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     try:
         stored = HuggingFaceStorageReader(str(folder / "state")).read_metadata().state_dict_metadata
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{folder}: unreadable checkpoint state ({e})") from None
     own = {k: tuple(v.shape) for k, v in state.items()}
     if set(stored) != set(own):
@@ -214,36 +278,30 @@ def _check_keys(folder: Path, state: dict[str, torch.Tensor]) -> None:
 
 def load_checkpoint(folder: str | os.PathLike, *, model, optimizer, scheduler, dist: Dist = SINGLE) -> dict:
     """Restore model, optimizer, scheduler and RNG states in place on every rank; returns meta (step,
-    sampler, ...). Works under any world size: each rank reads the slices of its own shards."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
+    sampler, ...). Works under any world size: each rank reads the slices of its own shards. meta.json is
+    cross-checked and every file verified before anything is read into the model; a failure is one
+    CheckpointError on every rank and nothing on disk is touched."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: unreadable checkpoint ({e})") from None
+    meta = check.read_meta(folder)
+    check.check_meta(folder, meta, len(optimizer.param_groups))
     if not (folder / "state").is_dir():
         raise CheckpointError(
             f"{folder}: no state/ folder; this checkpoint was written by an older fasttune (before sharded "
             "checkpoints) and cannot be resumed by this one"
         )
+    check.verify(folder, meta, dist)
     _init_optimizer_state(optimizer)
     state = _state_dict(model, optimizer)
     _check_keys(folder, state)
-    with torch.no_grad():
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder / "state")))
+    _load_state(state, folder)
+    check.check_adam_steps(folder, optimizer, meta)
     for group, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"], strict=True):
         group.update({k: v for k, v in saved.items() if k in group and k != "params"})
     scheduler.load_state_dict(meta["scheduler"])
-    saved_world = meta.get("world_size", 1)
+    saved_world = meta["world_size"]
     rng_file = folder / f"rng-{dist.rank:05d}.safetensors"
-    if rng_file.is_file():
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["torch_cpu"])
-        cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
+    if dist.rank < saved_world:  # present: verified above
+        _load_rng(rng_file)
     else:  # more ranks than wrote the checkpoint: a fresh stream per (step, rank)
         torch.manual_seed(hash((meta["step"], dist.rank)) % 2**63)
     if saved_world != dist.world_size and dist.is_main:
@@ -259,3 +317,68 @@ def load_checkpoint(folder: str | os.PathLike, *, model, optimizer, scheduler, d
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return meta
+
+
+def _load_state(state: dict[str, torch.Tensor], folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
+
+    try:
+        with torch.no_grad():
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder / "state")))
+    except CheckpointException as e:  # a BaseException carrying each rank's error
+        causes = "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in e.failures.items())
+        raise CheckpointError(f"checkpoint {folder / 'state'} could not be read ({causes})") from None
+
+
+def _load_rng(path: Path) -> None:
+    from safetensors import SafetensorError
+
+    try:
+        rng = load_file(path)
+        torch.set_rng_state(rng["torch_cpu"])
+    except (SafetensorError, OSError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} is not a random state fasttune wrote ({e!r})") from None
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def last_good(output_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint whose meta.json and files verify, and what was wrong with the newer
+    ones (for the non-finite guard, which must not call a damaged checkpoint good). One process's view:
+    it reads every file, so the caller runs it on one rank."""
+    root = Path(output_dir) / "checkpoints"
+    failed = []
+    for folder in reversed(_complete(root)) if root.is_dir() else []:
+        try:
+            meta = check.read_meta(folder)
+            check.check_meta(folder, meta, None)
+            found = check.problems(folder, meta)
+        except CheckpointError as e:
+            found = [str(e)]
+        if not found:
+            return folder, failed
+        failed.append(found[0])
+    return None, failed
+
+
+def resume_advice(output_dir: str | os.PathLike, dist: Dist = SINGLE) -> str:
+    """The non-finite guard's advice: the newest checkpoint whose files verify (rank 0 reads them; the
+    other ranks leave the naming to it), and the newer ones that do not, so that a damaged checkpoint is
+    never called good."""
+    skips = "set nonfinite_skips=K to skip up to K such steps."
+    if not dist.is_main:
+        return f"Rank 0 names the checkpoint to resume from; or {skips}"
+    good, failed = last_good(output_dir)
+    if good is None:
+        bad = f" ({'; '.join(failed)})" if failed else ""
+        return f"No checkpoint that verifies was written yet{bad}; {skips}"
+    if not failed:
+        return (
+            f"The last good checkpoint is {good} (its files verify): resume from it with --resume, or {skips}"
+        )
+    return (
+        f"The last good checkpoint is {good} (its files verify; newer ones do not: {'; '.join(failed)}): "
+        f"move the newer ones out of {good.parent} and resume with --resume, or {skips}"
+    )

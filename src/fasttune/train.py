@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from fasttune import builtin, config_diff, corpus, distributed, run_folder, synth
-from fasttune.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from fasttune.checkpoint import find_latest, load_checkpoint, resume_advice, save_checkpoint
 from fasttune.config import RunConfig
 from fasttune.data import Source, write_jsonl
 from fasttune.distributed import SINGLE, Dist, all_reduce_sum, barrier
@@ -515,15 +515,9 @@ def _run(
                     )
                     continue
                 metrics.close()
-                good, _ = find_latest(out)
                 raise NonFiniteError(
                     f"step {step}: non-finite {what}; stopped before the optimizer step. "
-                    + (
-                        f"The last good checkpoint is {good}: resume from it with --resume, "
-                        if good
-                        else "No checkpoint was written yet; "
-                    )
-                    + "or set nonfinite_skips=K to skip up to K such steps."
+                    + resume_advice(out, env)
                 )
             with region("optimizer"):  # named in `fasttune profile` traces, a no-op otherwise
                 optimizer.step()
