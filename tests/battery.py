@@ -81,27 +81,29 @@ def _good_lines(n: int = 40) -> list[str]:
     return out
 
 
-def _model_folder(root: Path, name: str = "model") -> Path:
-    """A tiny Qwen2 folder: config.json, safetensors weights and the real Qwen2.5 tokenizer files."""
+def _model_folder(root: Path, texts: list[str], name: str = "model") -> Path:
+    """A tiny Qwen2 folder: config.json, safetensors weights and a small BPE tokenizer (with Qwen2.5's chat
+    template) trained on `texts`."""
     import torch
     import transformers
 
+    from fasttune import builtin
+
     folder = root / name
+    tok = builtin.train_tokenizer(texts, vocab_size=300)
     cfg = transformers.Qwen2Config(
-        vocab_size=151936 // 512,
+        vocab_size=tok.vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    from fasttune.tokenizer import write_builtin_tokenizer
-
-    write_builtin_tokenizer(folder)
+    tok.save(folder)
     return folder
 
 
@@ -499,9 +501,9 @@ def _digests(paths: list[Path]) -> dict[Path, str | None]:
     for p in paths:
         if p.is_file():
             out[p] = hashlib.sha256(p.read_bytes()).hexdigest()
-        elif p.is_dir():
+        elif p.is_dir():  # a run folder: every file but the lock, which holds the pid of its last taker
             h = hashlib.sha256()
-            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name != ".fasttune.lock"):
                 h.update(str(f.relative_to(p)).encode() + b"\0" + f.read_bytes())
             out[p] = h.hexdigest()
         else:
@@ -545,8 +547,9 @@ def _lost(case: Case, before: dict) -> str:
 
 
 def build_cases(root: Path, servers: list) -> list[Case]:
-    model = _model_folder(root)
-    data = _jsonl(root / "train.jsonl", _good_lines(60))
+    lines = _good_lines(60)
+    data = _jsonl(root / "train.jsonl", lines)
+    model = _model_folder(root, [v for x in lines for v in json.loads(x).values()])
     run = _trained_run(root, model, data)
     return [
         *data_cases(root),

@@ -245,8 +245,15 @@ def write_rejects(path: str | os.PathLike, problems: list[Problem]) -> None:
 
 
 def report(problems: list[Problem], n_files: int, most: int = 200) -> str:
-    lines = [f"{len(problems)} problem(s) in {len({p.file for p in problems})} of {n_files} file(s):"]
-    lines += [f"  {p}" for p in problems[:most]]
+    """Every problem, each as `file:line: reason`. The first line names the first one, so that the error
+    line alone (all a log or a terminal may keep) already says where to look; the rest follow, one a line."""
+    if not problems:
+        return f"no problem found in {n_files} file(s)"
+    files = len({p.file for p in problems})
+    head = f"{len(problems)} problem(s) in {files} of {n_files} file(s): {problems[0]}"
+    if len(problems) == 1:
+        return head
+    lines = [f"{head}; all of them:"] + [f"  {p}" for p in problems[:most]]
     if len(problems) > most:
         lines.append(f"  ... and {len(problems) - most} more")
     return "\n".join(lines)
