@@ -50,6 +50,20 @@ def workload(root: Path, n_examples: int = 1200, tokens: int = 40_000, seed: int
 
 
 def measure(regress: str | None = None, device: str = "cpu", compile_counters: bool = True) -> dict:
+    """The gate's numbers. On the CPU both sides run with one intra-op thread: the tiny model's ops are
+    per-op overhead, not arithmetic, and with two threads OpenMP's workers wait on each other whenever
+    another process holds a core, so on a loaded machine the time (and the ratio) would follow the load."""
+    if device != "cpu":
+        return _measure(regress, device, compile_counters)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(regress, device, compile_counters)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(regress: str | None, device: str, compile_counters: bool) -> dict:
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data, plan = workload(Path(tmp))
