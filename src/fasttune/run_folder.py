@@ -15,7 +15,8 @@ pid. Before anything is written:
   writes. An unfinished run with no checkpoint has nothing to resume: it starts over.
 - `resume`: the saved `config.yaml` is compared with the new config (`config_diff.py`); keys that change
   the trajectory refuse unless `allow_config_change`.
-`config.yaml` is (re)written only after these checks pass, through a temporary name and a rename.
+`config.yaml` is (re)written only after these checks pass (on a resume, once the checkpoint has loaded),
+through a temporary name and a rename.
 """
 
 from __future__ import annotations
@@ -195,9 +196,23 @@ class RunFolder:
     """A claimed folder: the lock (rank 0 only), what the config check found (rank 0 only), and whether
     the resume goes on with changed hyperparameters (every rank: each applies them to its optimizer)."""
 
-    def __init__(self, out: Path, lock: FolderLock | None = None, changes: ConfigChanges | None = None):
-        self.out, self.lock, self.changes = out, lock, changes
+    def __init__(
+        self,
+        out: Path,
+        lock: FolderLock | None = None,
+        changes: ConfigChanges | None = None,
+        config_yaml: str | None = None,
+    ):
+        self.out, self.lock, self.changes, self.config_yaml = out, lock, changes, config_yaml
         self.reapply = changes is not None and bool(changes.trajectory or changes.extension)
+
+    def start(self) -> None:
+        """Mark the folder running and write the run's config.yaml: at once for a new run, and for a
+        resume only once its checkpoint has verified and loaded, so that a refused resume leaves the
+        folder as it found it (the lock file aside)."""
+        if self.lock is not None:
+            _write_status(self.out, "running")
+            _write_atomic(self.out / "config.yaml", self.config_yaml)
 
     def finished(self, step: int) -> None:
         if self.lock is not None:
@@ -325,12 +340,13 @@ def _claim_main(cfg, resume: bool, force: bool, allow_config_change: bool) -> Ru
         changes = _check_resume(cfg, out, allow_config_change) if resume else None
         if not resume:
             _check_fresh_start(out, force, ours)
-        _write_status(out, "running")
-        _write_atomic(out / "config.yaml", cfg.to_yaml())  # only now: the checks above passed
+        folder = RunFolder(out, lock, changes, cfg.to_yaml())
+        if not resume:
+            folder.start()  # only now: the checks above passed (a resume starts once its checkpoint loads)
     except BaseException:
         lock.release()
         raise
-    return RunFolder(out, lock, changes)
+    return folder
 
 
 @contextlib.contextmanager

@@ -390,7 +390,7 @@ def run(
         with run_folder.claim(
             cfg, env, resume=resume, force=force, allow_config_change=allow_config_change
         ) as folder:
-            result = _run(cfg, resume, on_step, out, device, env, folder.reapply)
+            result = _run(cfg, resume, on_step, out, device, env, folder)
             if result.stopped != "signal":
                 folder.finished(result.step)
             return result
@@ -400,8 +400,9 @@ def run(
 
 
 def _run(
-    cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device, env: Dist, reapply: bool
+    cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device, env: Dist, folder
 ) -> RunResult:
+    reapply = folder.reapply
     torch.manual_seed(cfg.seed)
     tokenizer, data = _prepare_inputs(cfg, out, env)
     par = build_parallel(cfg, tokenizer, device, out, env)
@@ -444,6 +445,7 @@ def _run(
         if reapply:
             config_diff.reapply_hyperparameters(cfg, optimizer, scheduler)
         step, best_val, bad_evals, skips = meta["step"], meta["best_val"], meta["bad_evals"], meta["skips"]
+        folder.start()  # the checkpoint loaded: only now is anything in the folder rewritten
         metrics.drop_after(step)
         if env.is_main:
             print(f"resuming from {why}, step {step}", flush=True)
