@@ -322,7 +322,8 @@ def test_item11_disk_full_on_a_small_filesystem_is_one_line(
 ):
     out = small_filesystem
     capsys.readouterr()
-    assert main(["run", *overrides(setup, out)]) == 2
+    # --force: the folder already holds the mount point, which is not a run's (run_folder.py refuses it)
+    assert main(["run", *overrides(setup, out), "--force"]) == 2
     err = capsys.readouterr().err
     assert "CheckpointException" not in err and "Traceback" not in err
     _assert_disk_full_kept_step2(setup, stopped, out, err, tmp_path, capsys)
