@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from fasttune.distributed import SINGLE, Dist, all_reduce_sum
-from fasttune.packing import Batch
+from fasttune.metrics import peak_memory_gib
+from fasttune.packing import Batch, TokenizedData, collate
 from fasttune.parallelize import Parallel
 from fasttune.profile import region
 
@@ -37,6 +38,41 @@ class StepResult:
     targets: int  # trained target tokens in the step
     finite: bool  # False: the guard blocked the optimizer update
     stop: bool = False  # some rank asked to stop (several processes: agreed in the step's all-reduce)
+
+    def record(self, step: int, seconds: float, fpt: float, peak: float | None, world: int, device) -> dict:
+        """The step's line in metrics.jsonl (and what `on_step` receives); MFU over all `world` GPUs."""
+        return {
+            "step": step,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+            "tokens": self.tokens,
+            "targets": self.targets,
+            "tokens_per_s": self.tokens / seconds,
+            "mfu": self.tokens / seconds * fpt / (peak * world) if peak else None,
+            "memory_gib": peak_memory_gib(device),
+        }
+
+
+def count_targets(data: TokenizedData, bin_: list[int]) -> int:
+    """The trained tokens of a bin, as `collate` would count them, without building it."""
+    return sum(int(data.sequence(i)[1][1:].sum()) for i in bin_)
+
+
+def step_batches(data: TokenizedData, bins: list[list[int]], budget: int, env: Dist, device):
+    """This rank's micro-batches of a step, on the device, and the whole step's target and token counts.
+    Every rank draws the same bins and takes every N-th; under several processes the counts come from all
+    the bins, on the host: no collective."""
+    micro = [
+        collate(data, bins[i], pad_to=budget).to(device) for i in range(env.rank, len(bins), env.world_size)
+    ]
+    if env.enabled:
+        targets = sum(count_targets(data, b) for b in bins)
+        tokens = int(sum(data.lengths[i] for b in bins for i in b))
+    else:
+        targets = sum(b.num_targets for b in micro)
+        tokens = sum(b.num_tokens for b in micro)
+    return micro, targets, tokens
 
 
 def autocast(precision: str, device: torch.device, par: Parallel | None = None):
@@ -55,7 +91,9 @@ def _loss(par: Parallel, b: Batch) -> torch.Tensor:
     return par.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
 
 
-def _forward_backward(par: Parallel, micro: Sequence[Batch], targets: int, precision: str, device):
+def _forward_backward(
+    par: Parallel, micro: Sequence[Batch], targets: int, precision: str, world: int, device
+):
     """The step's summed loss (a device tensor, no sync): sum over micro-batches of mean loss x targets."""
     loss_sum = torch.zeros((), device=device)
     for k, b in enumerate(micro):
@@ -63,7 +101,7 @@ def _forward_backward(par: Parallel, micro: Sequence[Batch], targets: int, preci
             with autocast(precision, device, par):
                 loss = _loss(par, b)
             # DDP and FSDP average gradients over ranks: x W makes it the global sum
-            (loss * (b.num_targets / targets * par.world_size)).backward()
+            (loss * (b.num_targets / targets * world)).backward()
         loss_sum += loss.detach().float() * b.num_targets
     return loss_sum
 
@@ -96,7 +134,7 @@ def train_step(
     """One optimizer step over this rank's micro-batches. `targets` and `tokens` are the whole step's
     (every rank's) counts; `params` are the trainable parameters (clipped together); grad_clip 0 logs the
     norm without clipping."""
-    loss_sum = _forward_backward(par, micro, targets, precision, device)
+    loss_sum = _forward_backward(par, micro, targets, precision, env.world_size, device)
     loss_sum, stop = _agree(loss_sum, env, stop_requested, device)
     loss = (loss_sum / targets).item()
     grad_norm = par.clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)

@@ -46,7 +46,7 @@ from fasttune.config import RunConfig
 from fasttune.data import Source, write_jsonl
 from fasttune.distributed import SINGLE, Dist, all_reduce_sum, barrier
 from fasttune.errors import FasttuneError
-from fasttune.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from fasttune.metrics import MetricsLog, flops_per_token, peak_flops
 from fasttune.model import CausalLM, rope_inv_freq
 from fasttune.packing import (
     Batch,
@@ -271,45 +271,8 @@ def _autocast(cfg: RunConfig, device: torch.device, par: Parallel | None = None)
     return one_step.autocast(cfg.precision, device, par)  # the step's rule, so evaluation computes alike
 
 
-def _step_batches(train: TokenizedData, batches, per_step: int, budget: int, env: Dist, device):
-    """This rank's micro-batches of the next step, on the device, and the whole step's target and token
-    counts. Every rank draws the same `per_step` bins and takes every N-th; under several processes the
-    counts come from all the bins, on the host: no collective."""
-    bins = [next(batches) for _ in range(per_step)]
-    micro = [
-        collate(train, bins[i], pad_to=budget).to(device) for i in range(env.rank, per_step, env.world_size)
-    ]
-    if env.enabled:
-        n_targets = sum(count_targets(train, b) for b in bins)
-        tokens = int(sum(train.lengths[i] for b in bins for i in b))
-    else:
-        n_targets = sum(b.num_targets for b in micro)
-        tokens = sum(b.num_tokens for b in micro)
-    return micro, n_targets, tokens
-
-
-def _record(step: int, r: one_step.StepResult, seconds: float, fpt: float, peak, world: int, device) -> dict:
-    """The step's line in metrics.jsonl (and what on_step receives)."""
-    return {
-        "step": step,
-        "loss": r.loss,
-        "grad_norm": r.grad_norm,
-        "lr": r.lr,
-        "tokens": r.tokens,
-        "targets": r.targets,
-        "tokens_per_s": r.tokens / seconds,
-        "mfu": r.tokens / seconds * fpt / (peak * world) if peak else None,
-        "memory_gib": peak_memory_gib(device),
-    }
-
-
 def _loss(model: CausalLM | Parallel, b: Batch) -> torch.Tensor:
     return model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
-
-
-def count_targets(data: TokenizedData, bin_: list[int]) -> int:
-    """The trained tokens of a bin, as `collate` would count them, without building it."""
-    return sum(int(data.sequence(i)[1][1:].sum()) for i in bin_)
 
 
 @torch.no_grad()
@@ -505,7 +468,8 @@ def _run(
     with _StopFlag() as stop:
         while step < total_steps:
             t0 = time.perf_counter()
-            micro, n_targets, tokens = _step_batches(train, batches, per_step, budget, env, device)
+            bins = [next(batches) for _ in range(per_step)]
+            micro, n_targets, tokens = one_step.step_batches(train, bins, budget, env, device)
             r = one_step.train_step(
                 par,
                 micro,
@@ -547,7 +511,7 @@ def _run(
                     )
                     + "or set nonfinite_skips=K to skip up to K such steps."
                 )
-            record = _record(step, r, time.perf_counter() - t0, fpt, peak, W, device)
+            record = r.record(step, time.perf_counter() - t0, fpt, peak, W, device)
             result.losses.append(step_loss)
             if step % cfg.eval_every == 0 or step == total_steps:
                 val = evaluate(model, data["val"], cfg, device, env, par)
