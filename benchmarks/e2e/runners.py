@@ -178,7 +178,7 @@ def run_hf(
 
 
 def fasttune_config(
-    model_dir, dtype, kernels: str, compile: bool, lora: bool, lr: float, device
+    model_dir, dtype, kernels: str, compile: bool, lora: bool, lr: float, device, steps: int
 ) -> RunConfig:
     """The `fasttune run` config of a fasttune variant: the benchmark's recipe (AdamW, weight decay
     0.01, cosine with 5% warmup, clip 1.0) as `fasttune run` keys. bf16 is fasttune's bf16 precision (fp32
@@ -191,7 +191,11 @@ def fasttune_config(
         device=str(device),
         compile=compile,
     )
-    cfg.optim = OptimConfig(lr=2e-4 if lora else lr, weight_decay=0.01, warmup=0.05, grad_clip=1.0)
+    # `_schedule`'s warmup, max(1, round(5% of the steps)), as the fraction `fasttune run` takes (it warms
+    # up round(fraction x steps)): a short plan still warms up one step, as the baseline does. Below 1,
+    # as the config requires: round(0.999 x 1) is 1.
+    warmup = min(max(1, round(0.05 * steps)) / steps, 0.999)
+    cfg.optim = OptimConfig(lr=2e-4 if lora else lr, weight_decay=0.01, warmup=warmup, grad_clip=1.0)
     cfg.lora = LoraSettings(r=16, alpha=32, dropout=0.0)
     validate(cfg)
     return cfg
@@ -223,7 +227,7 @@ def run_fasttune(
     from fasttune.tokenizer import load_tokenizer
 
     device = torch.device(device)
-    cfg = fasttune_config(model_dir, dtype, kernels, compile, lora, lr, device)
+    cfg = fasttune_config(model_dir, dtype, kernels, compile, lora, lr, device, len(plan.steps))
     with tempfile.TemporaryDirectory() as out:  # build_parallel's run folder: unused for a model folder
         par = train.build_parallel(cfg, load_tokenizer(model_dir), device, Path(out), SINGLE)
     model = par.model
