@@ -10,7 +10,10 @@ step by step, and measures the same things:
                    (transformers derives the block-diagonal mask from them), Liger-Kernel's kernels when
                    installed: the strongest Hugging Face setup available.
   fasttune         the step's examples packed into one row padded to a fixed bucket (static shapes for
-                   torch.compile), fasttune's model and ops (kernels, compile, LoRA as asked).
+                   torch.compile), trained as `fasttune run` trains: the model, optimizer and schedule
+                   from train.py's set-up functions (fp32 master weights, bf16 autocast for bfloat16),
+                   each step through fasttune.step.train_step (the non-finite guard included). The
+                   variants differ from `fasttune run` only by config (kernels, compile, LoRA).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from fasttune.config import LoraSettings, OptimConfig, RunConfig, validate
 from fasttune.metrics import flops_per_token, peak_flops
 from fasttune.packing import TokenizedData, collate
 
@@ -172,6 +177,30 @@ def run_hf(
     return _timed_loop(name, plan, step, device, warmup)
 
 
+def fasttune_config(
+    model_dir, dtype, kernels: str, compile: bool, lora: bool, lr: float, device, steps: int
+) -> RunConfig:
+    """The `fasttune run` config of a fasttune variant: the benchmark's recipe (AdamW, weight decay
+    0.01, cosine with 5% warmup, clip 1.0) as `fasttune run` keys. bf16 is fasttune's bf16 precision (fp32
+    master weights, bf16 autocast), float32 is fp32."""
+    cfg = RunConfig(
+        model=str(model_dir),
+        method="lora" if lora else "full",
+        kernels=kernels,
+        precision="bf16" if dtype == torch.bfloat16 else "fp32",
+        device=str(device),
+        compile=compile,
+    )
+    # `_schedule`'s warmup, max(1, round(5% of the steps)), as the fraction `fasttune run` takes (it warms
+    # up round(fraction x steps)): a short plan still warms up one step, as the baseline does. Below 1,
+    # as the config requires: round(0.999 x 1) is 1.
+    warmup = min(max(1, round(0.05 * steps)) / steps, 0.999)
+    cfg.optim = OptimConfig(lr=2e-4 if lora else lr, weight_decay=0.01, warmup=warmup, grad_clip=1.0)
+    cfg.lora = LoraSettings(r=16, alpha=32, dropout=0.0)
+    validate(cfg)
+    return cfg
+
+
 def run_fasttune(
     model_dir,
     data: TokenizedData,
@@ -186,20 +215,26 @@ def run_fasttune(
     pack: bool = True,
     lr: float = 2e-5,
 ) -> Result:
-    import fasttune
-    from fasttune.parallelize import parallelize
+    """The variant as `fasttune run` trains it: model, strategy, optimizer and schedule from train.py's
+    set-up functions, every step through `fasttune.step.train_step` (autocast, guard and all). A
+    non-finite step stops the variant with NonFiniteError, as `fasttune run` with nonfinite_skips=0
+    stops."""
+    import tempfile
 
-    model = fasttune.load_model(model_dir, dtype=dtype, device=device, kernels=kernels)
-    if lora:
-        from fasttune.lora import LoraConfig, apply_lora
+    from fasttune import step as one_step
+    from fasttune import train
+    from fasttune.distributed import SINGLE
+    from fasttune.tokenizer import load_tokenizer
 
-        apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0))
-        model.set_kernels(kernels, device)
-    parallelize(model, compile=compile)
+    device = torch.device(device)
+    cfg = fasttune_config(model_dir, dtype, kernels, compile, lora, lr, device, len(plan.steps))
+    with tempfile.TemporaryDirectory() as out:  # build_parallel's run folder: unused for a model folder
+        par = train.build_parallel(cfg, load_tokenizer(model_dir), device, Path(out), SINGLE)
+    model = par.model
     model.train()
+    optimizer, scheduler = train.build_optimizer(cfg, model, device, len(plan.steps))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _adamw(params, 2e-4 if lora else lr, device)
-    sched = _schedule(opt, len(plan.steps))
+    name = "fasttune" + ("_lora" if lora else "") + f"_{model.kernels}" + ("_compile" if compile else "")
 
     def step(i):
         idx = plan.steps[i]
@@ -209,21 +244,25 @@ def run_fasttune(
             if pack
             else [collate(data, [j], pad_to=MAX_LEN) for j in idx]
         )
-        n_targets = sum(b.num_targets for b in rows)
-        total = 0.0
-        for b in rows:
-            b = b.to(device)
-            loss = model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
-            (loss * (b.num_targets / n_targets)).backward()
-            total += loss.detach() * b.num_targets
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        real = sum(b.num_tokens for b in rows)
-        return (total / n_targets).item(), n_targets, real, sum(b.input_ids.numel() for b in rows)
+        r = one_step.train_step(
+            par,
+            [b.to(device) for b in rows],
+            optimizer,
+            scheduler,
+            params=params,
+            targets=sum(b.num_targets for b in rows),
+            tokens=sum(b.num_tokens for b in rows),
+            precision=cfg.precision,
+            grad_clip=cfg.optim.grad_clip,
+            device=device,
+        )
+        if not r.finite:
+            raise train.NonFiniteError(
+                f"{name}: step {i + 1}: non-finite loss {r.loss}, gradient norm {r.grad_norm}; "
+                "stopped before the optimizer step"
+            )
+        return r.loss, r.targets, r.tokens, sum(b.input_ids.numel() for b in rows)
 
-    name = "fasttune" + ("_lora" if lora else "") + f"_{model.kernels}" + ("_compile" if compile else "")
     result = _timed_loop(name, plan, step, device, warmup)
     if compile:
         from torch._dynamo.utils import counters

@@ -1,5 +1,9 @@
 """The hand-written training loop behind `fasttune run`.
 
+Each step goes through `fasttune.step.train_step` (the step `fasttune bench` and the CI gate run too); this
+module sets the run up and runs the loop around it: the skip-or-stop policy for non-finite steps, eval,
+save, log, signals.
+
 One optimizer step = `accumulate` packed micro-batches. The loss of a step is the sum of the cross-entropy
 over all its target tokens divided by their number: each micro-batch's mean loss is weighted by its share
 of the step's targets before backward, so micro-batches of unequal size count per token, not per batch
@@ -23,7 +27,6 @@ prepares data and writes logs and exports; the checkpoint is written by all rank
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,12 +40,13 @@ from pathlib import Path
 import torch
 
 from fasttune import builtin, config_diff, corpus, distributed, run_folder, synth
+from fasttune import step as one_step
 from fasttune.checkpoint import find_latest, load_checkpoint, resume_advice, save_checkpoint
 from fasttune.config import RunConfig
 from fasttune.data import Source, write_jsonl
 from fasttune.distributed import SINGLE, Dist, all_reduce_sum, barrier
 from fasttune.errors import FasttuneError
-from fasttune.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gib
+from fasttune.metrics import MetricsLog, flops_per_token, peak_flops
 from fasttune.model import CausalLM, rope_inv_freq
 from fasttune.packing import (
     Batch,
@@ -53,7 +57,6 @@ from fasttune.packing import (
     tokenizer_fingerprint,
 )
 from fasttune.parallelize import Parallel, choose_strategy, init_lora_sharded, parallelize, shard_fsdp
-from fasttune.profile import region
 from fasttune.tokenizer import Tokenizer, load_tokenizer
 from fasttune.weights import check_checkpoint, load_model, load_sharded, parse_dtype, save_model
 
@@ -265,18 +268,11 @@ def build_optimizer(cfg: RunConfig, model: CausalLM, device: torch.device, total
 
 
 def _autocast(cfg: RunConfig, device: torch.device, par: Parallel | None = None):
-    if cfg.precision == "bf16" and not (par is not None and par.fsdp_mixed_precision):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return one_step.autocast(cfg.precision, device, par)  # the step's rule, so evaluation computes alike
 
 
 def _loss(model: CausalLM | Parallel, b: Batch) -> torch.Tensor:
     return model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
-
-
-def count_targets(data: TokenizedData, bin_: list[int]) -> int:
-    """The trained tokens of a bin, as `collate` would count them, without building it."""
-    return sum(int(data.sequence(i)[1][1:].sum()) for i in bin_)
 
 
 @torch.no_grad()
@@ -475,39 +471,29 @@ def _run(
         while step < total_steps:
             t0 = time.perf_counter()
             bins = [next(batches) for _ in range(per_step)]
-            micro = [collate(train, bins[i], pad_to=budget) for i in range(env.rank, per_step, W)]
-            if env.enabled:  # the whole step's targets and tokens, counted on the host: no collective
-                n_targets = sum(count_targets(train, b) for b in bins)
-                tokens = int(sum(train.lengths[i] for b in bins for i in b))
-            else:
-                n_targets = sum(b.num_targets for b in micro)
-                tokens = sum(b.num_tokens for b in micro)
-            loss_sum = torch.zeros((), device=device)
-            for k, b in enumerate(micro):
-                b = b.to(device)
-                with par.gradient_sync(k == len(micro) - 1):  # DDP: all-reduce on the last one only
-                    with _autocast(cfg, device, par):
-                        loss = _loss(par, b)
-                    # DDP and FSDP average gradients over ranks: x W makes it the global sum
-                    (loss * (b.num_targets / n_targets * W)).backward()
-                loss_sum += loss.detach().float() * b.num_targets
-            if env.enabled:  # one all-reduce: the step's summed loss, and whether any rank was signalled
-                agreed = all_reduce_sum(
-                    torch.stack([loss_sum, torch.tensor(float(bool(stop.signal)), device=device)])
-                )
-                loss_sum = agreed[0]
-                if agreed[1].item() > 0:
-                    stop_signal = stop.signal or "a signal on another rank"
-            step_loss = (loss_sum / n_targets).item()
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = par.clip_grad_norm(trainable, clip)
+            micro, n_targets, tokens = one_step.step_batches(train, bins, budget, env, device)
+            r = one_step.train_step(
+                par,
+                micro,
+                optimizer,
+                scheduler,
+                params=trainable,
+                targets=n_targets,
+                tokens=tokens,
+                precision=cfg.precision,
+                grad_clip=cfg.optim.grad_clip,
+                device=device,
+                env=env,
+                stop_requested=lambda: bool(stop.signal),
+            )
+            if r.stop:
+                stop_signal = stop.signal or "a signal on another rank"
+            step_loss, grad_norm = r.loss, r.grad_norm
             step += 1
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            if not r.finite:  # train_step made no update; skipping or stopping is the run's policy
                 what = f"loss {step_loss}, gradient norm {grad_norm}"
                 if skips < cfg.nonfinite_skips:
                     skips += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
                     log.warning(
                         "step %d: non-finite %s; step skipped (%d of %d allowed)",
                         step,
@@ -521,23 +507,7 @@ def _run(
                     f"step {step}: non-finite {what}; stopped before the optimizer step. "
                     + resume_advice(out, env)
                 )
-            with region("optimizer"):  # named in `fasttune profile` traces, a no-op otherwise
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            seconds = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": step_loss,
-                "grad_norm": grad_norm,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": tokens,
-                "targets": n_targets,
-                "tokens_per_s": tokens / seconds,
-                "mfu": tokens / seconds * fpt / (peak * W) if peak else None,
-                "memory_gib": peak_memory_gib(device),
-            }
+            record = r.record(step, time.perf_counter() - t0, fpt, peak, W, device)
             result.losses.append(step_loss)
             if step % cfg.eval_every == 0 or step == total_steps:
                 val = evaluate(model, data["val"], cfg, device, env, par)
