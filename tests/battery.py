@@ -87,7 +87,7 @@ def _model_folder(root: Path, texts: list[str], name: str = "model") -> Path:
     import torch
     import transformers
 
-    from fasttune import builtin
+    from fasttune.models import builtin
 
     folder = root / name
     tok = builtin.train_tokenizer(texts, vocab_size=300)
@@ -322,8 +322,8 @@ def _tiny_run_overrides(model: Path, data: Path, out: Path) -> list[str]:
 
 def _trained_run(root: Path, model: Path, data: Path) -> Path:
     """A finished tiny run with checkpoints at steps 2 and 4 (trained here, in this process)."""
-    from fasttune import train
-    from fasttune.config import load_config
+    from fasttune.train import loop as train
+    from fasttune.train.config import load_config
 
     out = root / "run"
     train.run(load_config(None, _tiny_run_overrides(model, data, out)))

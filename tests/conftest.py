@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fasttune.tokenizer import write_builtin_tokenizer  # noqa: E402
+from fasttune.models.tokenizer import write_builtin_tokenizer  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 QWEN_FIXTURE = FIXTURES / "qwen2.5-0.5b-instruct"
@@ -133,8 +133,9 @@ def write_checkpoint(path: Path, family: str, dtype=torch.float32, seed: int = 0
 def setup(tmp_path_factory) -> Path:
     """A tiny training run's inputs: a small corpus (data.jsonl), a BPE trained on it, and a tiny random
     Qwen2 checkpoint with that vocabulary (model/). Used by the loop's and the profiler's tests."""
-    from fasttune import builtin, synth
-    from fasttune.data import write_jsonl
+    from fasttune.data import synth
+    from fasttune.data.records import write_jsonl
+    from fasttune.models import builtin
 
     root = tmp_path_factory.mktemp("run")
     records = synth.generate(240, seed=3)

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from fasttune import attention as attn
+from fasttune.models import attention as attn
 
 
 def naive(q, k, v, cu_seqlens, window=None):

@@ -69,7 +69,7 @@ def test_same_steps_same_losses_and_consistent_ratios(report):
 
 
 def test_fasttune_bench_command_reaches_the_benchmark(capsys):
-    from fasttune.cli import main
+    from fasttune.cli.main import main
 
     assert main(["bench", "--help"]) == 0
     assert "--variants" in capsys.readouterr().out

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import write_checkpoint
-from fasttune.cli import main
-from fasttune.tokenizer import write_builtin_tokenizer
+from fasttune.cli.main import main
+from fasttune.models.tokenizer import write_builtin_tokenizer
 
 
 def test_info_reports_the_environment(capsys):

@@ -3,8 +3,8 @@ for each kind of mistake."""
 
 import pytest
 
-from fasttune.config import BUILTIN_PRESET, RunConfig, load_config
 from fasttune.errors import ConfigError
+from fasttune.train.config import BUILTIN_PRESET, RunConfig, load_config
 
 
 def test_the_documented_overrides_work_exactly_as_written():

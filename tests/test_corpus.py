@@ -6,11 +6,11 @@ import time
 import numpy as np
 import pytest
 
-from fasttune import corpus, synth
-from fasttune.cli import main
-from fasttune.data import DataError, Example, write_jsonl
-from fasttune.packing import PackedSampler, TokenizedData, TokenizeOptions, collate, tokenize
-from fasttune.tokenizer import builtin_tokenizer
+from fasttune.cli.main import main
+from fasttune.data import corpus, synth
+from fasttune.data.packing import PackedSampler, TokenizedData, TokenizeOptions, collate, tokenize
+from fasttune.data.records import DataError, Example, write_jsonl
+from fasttune.models.tokenizer import builtin_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fasttune.data import (
+from fasttune.data.records import (
     DataError,
     Source,
     count_near_duplicates,
@@ -157,7 +157,7 @@ def test_sources_carry_their_weight(tmp_path):
 
 
 def _ex(prompt, output, **meta):
-    from fasttune.data import Example
+    from fasttune.data.records import Example
 
     return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}], meta)
 

@@ -18,13 +18,14 @@ import pytest
 import torch
 import transformers
 
-from fasttune import distributed, train
-from fasttune.checkpoint import find_latest
-from fasttune.cli import _without_nproc
-from fasttune.config import load_config
-from fasttune.distributed import SINGLE, Dist
-from fasttune.model import CausalLM, ModelConfig
-from fasttune.parallelize import choose_strategy, training_state_bytes
+from fasttune.cli.main import _without_nproc
+from fasttune.models.model import CausalLM, ModelConfig
+from fasttune.train import distributed
+from fasttune.train import loop as train
+from fasttune.train.checkpoint import find_latest
+from fasttune.train.config import load_config
+from fasttune.train.distributed import SINGLE, Dist
+from fasttune.train.parallelize import choose_strategy, training_state_bytes
 from helpers import rank_logs, read_rank_results, torchrun, torchrun_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 import fasttune
 from conftest import hf_model
-from fasttune import corpus, synth
-from fasttune.cli import main
-from fasttune.data import Example, write_jsonl
-from fasttune.evaluate import (
+from fasttune.cli.main import main
+from fasttune.data import corpus, synth
+from fasttune.data.packing import TokenizedData, TokenizeOptions, tokenize
+from fasttune.data.records import Example, write_jsonl
+from fasttune.eval.evaluate import (
     classify_family,
     distinctive_ngrams,
     evaluate_run,
@@ -29,9 +30,8 @@ from fasttune.evaluate import (
     split_loss,
     template_coverage,
 )
-from fasttune.generate import greedy_nocache
-from fasttune.packing import TokenizedData, TokenizeOptions, tokenize
-from fasttune.tokenizer import write_builtin_tokenizer
+from fasttune.eval.generation import greedy_nocache
+from fasttune.models.tokenizer import write_builtin_tokenizer
 from test_judge import server  # noqa: F401 (the local judge server fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -230,8 +230,8 @@ def test_evaluate_run_generates_what_the_reference_decoder_does(prepared, tmp_pa
 
 
 def test_another_tokenizer_gets_the_split_tokenized_again(prepared):
-    from fasttune import builtin
-    from fasttune.packing import with_system_prompt
+    from fasttune.data.packing import with_system_prompt
+    from fasttune.models import builtin
 
     records = [json.loads(x) for x in (prepared / "data" / "test.jsonl").read_text().splitlines()]
     other = builtin.train_tokenizer([r[k] for r in records for k in ("input", "output")], vocab_size=300)

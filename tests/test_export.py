@@ -14,21 +14,22 @@ import torch
 
 from conftest import FAMILIES as FAMILIES_CFG
 from conftest import hf_model
-from fasttune import builtin, synth
-from fasttune.cli import main as cli_main
+from fasttune.cli.main import main as cli_main
+from fasttune.data import synth
 from fasttune.errors import FasttuneError, TokenizerError
-from fasttune.export import export
-from fasttune.lora import LoraConfig, apply_lora, save_adapter
-from fasttune.model import rope_inv_freq
-from fasttune.tokenizer import BUILTIN_DIR, Tokenizer, load_tokenizer
-from fasttune.weights import load_model
+from fasttune.export.formats import export
+from fasttune.models import builtin
+from fasttune.models.lora import LoraConfig, apply_lora, save_adapter
+from fasttune.models.model import rope_inv_freq
+from fasttune.models.tokenizer import BUILTIN_DIR, Tokenizer, load_tokenizer
+from fasttune.models.weights import load_model
 
 try:
     import gguf
 except ImportError:  # an optional dependency: the GGUF tests skip, the hf/peft/merged ones still run
     gguf = None
 needs_gguf = pytest.mark.skipif(gguf is None, reason="the gguf package is not installed (pip install gguf)")
-from fasttune.export_gguf import (  # noqa: E402
+from fasttune.export.gguf import (  # noqa: E402
     _LLAMA3_REGEX,
     _QWEN2_REGEX,
     gguf_tensor_name,
@@ -283,7 +284,7 @@ def test_llama3_rope_factors_match_the_model():
     """llama.cpp divides theta^(-2i/hd) by rope_freqs[i]; that must give the model's scaled frequencies.
     With hd 32 and an original context of 32 all three bands occur: wavelengths under 8 kept, over 32
     divided by 8, and 14.3 in between interpolated."""
-    from fasttune.model import ModelConfig
+    from fasttune.models.model import ModelConfig
 
     rope = dict(FAMILIES_CFG["llama"][1]["rope_parameters"])
     cfg = ModelConfig.from_hf(
@@ -544,7 +545,7 @@ def test_export_gguf_merges_the_adapter(tmp_path, lora_run):
     fields, tensors = read_gguf(out)
     assert fields["general.name"] == "adapter"
     merged = load_model(lora_run["base"])
-    from fasttune.lora import load_adapter, merge_lora
+    from fasttune.models.lora import load_adapter, merge_lora
 
     load_adapter(merged, lora_run["adapter"])
     merge_lora(merged)

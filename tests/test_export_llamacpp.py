@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from conftest import FIXTURES, hf_model
-from fasttune.export import export
-from fasttune.export_gguf import gguf_tensor_name
-from fasttune.tokenizer import load_tokenizer
-from fasttune.weights import load_model
+from fasttune.export.formats import export
+from fasttune.export.gguf import gguf_tensor_name
+from fasttune.models.tokenizer import load_tokenizer
+from fasttune.models.weights import load_model
 from test_export import LINEAR_ROPE, make_checkpoint, small_tokenizer
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional dependency (pip install gguf)")

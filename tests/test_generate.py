@@ -11,9 +11,9 @@ import transformers
 
 import fasttune
 from conftest import FAMILIES, hf_model, write_checkpoint
-from fasttune.cli import main
+from fasttune.cli.main import main
 from fasttune.errors import ConfigError, FasttuneError
-from fasttune.generate import (
+from fasttune.eval.generation import (
     KVCache,
     choose_next,
     greedy_nocache,
@@ -22,8 +22,8 @@ from fasttune.generate import (
     top_k_filter,
     top_p_filter,
 )
-from fasttune.lora import LoraConfig, apply_lora, save_adapter
-from fasttune.tokenizer import write_builtin_tokenizer
+from fasttune.models.lora import LoraConfig, apply_lora, save_adapter
+from fasttune.models.tokenizer import write_builtin_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -364,7 +364,7 @@ def chat_model(tmp_path_factory, qwen_tokenizer_dir):
 
 def _expected(path, texts, max_new_tokens, system="default"):
     """What `fasttune generate` should say, computed through the library."""
-    from fasttune.packing import with_system_prompt
+    from fasttune.data.packing import with_system_prompt
 
     model, tok = load_for_generation(path, device="cpu")
     prompts = [

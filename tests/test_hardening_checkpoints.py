@@ -15,10 +15,10 @@ import uuid
 import pytest
 
 import fasttune
-from fasttune import train
-from fasttune.checkpoint import find_latest
-from fasttune.cli import main
-from fasttune.config import load_config
+from fasttune.cli.main import main
+from fasttune.train import loop as train
+from fasttune.train.checkpoint import find_latest
+from fasttune.train.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -279,19 +279,19 @@ def test_item11_disk_full_while_writing_a_checkpoint_file_is_one_line(
     setup, stopped, tmp_path, capsys, monkeypatch
 ):
     """ENOSPC from fasttune's own file writer (the RNG states, written after the tensors)."""
-    real = fasttune.checkpoint._save_tensors
+    real = fasttune.train.checkpoint._save_tensors
 
     def full_at_step4(tensors, path):
         if f".{STEP4}.tmp" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(tensors, path)
 
-    monkeypatch.setattr(fasttune.checkpoint, "_save_tensors", full_at_step4)
+    monkeypatch.setattr(fasttune.train.checkpoint, "_save_tensors", full_at_step4)
     out = tmp_path / "run"
     capsys.readouterr()
     assert main(["run", *overrides(setup, out)]) == 2
     err = capsys.readouterr().err
-    monkeypatch.setattr(fasttune.checkpoint, "_save_tensors", real)
+    monkeypatch.setattr(fasttune.train.checkpoint, "_save_tensors", real)
     _assert_disk_full_kept_step2(setup, stopped, out, err, tmp_path, capsys)
 
 

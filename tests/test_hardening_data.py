@@ -9,14 +9,14 @@ import torch
 
 import fasttune
 from conftest import FAMILIES, write_checkpoint
-from fasttune import corpus
-from fasttune.cli import main
-from fasttune.data import DataError, read_jsonl, read_sources
-from fasttune.evaluate import read_records
-from fasttune.generate_cli import read_prompt_file
-from fasttune.judge import JudgeCache
-from fasttune.packing import TokenizeOptions
-from fasttune.tokenizer import builtin_tokenizer
+from fasttune.cli.generate import read_prompt_file
+from fasttune.cli.main import main
+from fasttune.data import corpus
+from fasttune.data.packing import TokenizeOptions
+from fasttune.data.records import DataError, read_jsonl, read_sources
+from fasttune.eval.evaluate import read_records
+from fasttune.eval.judge import JudgeCache
+from fasttune.models.tokenizer import builtin_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -167,7 +167,7 @@ def test_item05_invalid_utf8_byte_is_a_problem_of_its_line(tmp_path):
 
 
 def test_item05_overlong_line_is_refused_by_its_bytes_before_parsing(tmp_path, tok):
-    from fasttune.jsonl import line_byte_limit, read_lines
+    from fasttune.io.jsonl import line_byte_limit, read_lines
 
     limit = line_byte_limit(64)
     assert limit == 384 * 64 + 2**20

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 import fasttune
-from fasttune import corpus, synth
-from fasttune.config import load_config
-from fasttune.data import write_jsonl
+from fasttune.data import corpus, synth
+from fasttune.data.records import write_jsonl
+from fasttune.train.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -57,11 +57,12 @@ def _run_config(setup, out, *overrides):
 def test_item17_run_merged_folder_is_base_plus_adapter_in_fp32(setup, tmp_path):
     """precision=bf16 trains the LoRA against a bf16 copy of the fp32 base; the merged folder must still be
     the fp32 base + s B A (as `fasttune export --format merged` makes it), not that bf16 copy + s B A."""
-    from fasttune import train
-    from fasttune.lora import load_adapter
+    from fasttune.models.lora import load_adapter
+    from fasttune.train import loop as train
 
-    cfg = _run_config(setup, tmp_path, "max_steps=3", "method=lora", "lora.merge=true", "lr=1e-2",
-                      "precision=bf16")
+    cfg = _run_config(
+        setup, tmp_path, "max_steps=3", "method=lora", "lora.merge=true", "lr=1e-2", "precision=bf16"
+    )
     train.run(cfg)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 8, 61, 77]])
     expected_model = fasttune.load_model(setup / "model", dtype=torch.float32, kernels="torch")
@@ -81,12 +82,22 @@ def test_item17_run_merged_folder_is_base_plus_adapter_in_fp32(setup, tmp_path):
     assert declared_dtype == "float32" and dtypes == {"F32"}
 
     # The same adapter through `fasttune export --format merged`: the same tensors.
-    exported = _cli("export", "--model", setup / "model", "--adapter", tmp_path / "adapter", "--format",
-                    "merged", "--out", tmp_path / "exported")
+    exported = _cli(
+        "export",
+        "--model",
+        setup / "model",
+        "--adapter",
+        tmp_path / "adapter",
+        "--format",
+        "merged",
+        "--out",
+        tmp_path / "exported",
+    )
     assert exported.returncode == 0, exported.stderr
-    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as a, safe_open(
-        tmp_path / "exported" / "model.safetensors", "pt"
-    ) as b:
+    with (
+        safe_open(tmp_path / "merged" / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "exported" / "model.safetensors", "pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
         for k in a.keys():
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
@@ -115,8 +126,8 @@ def test_item18_profile_op_refuses_an_interpreter_turned_off_on_the_cpu():
 @pytest.fixture(scope="module")
 def big_test_split(tmp_path_factory, setup):
     """A prepared data folder whose test split has more than the default number of generations."""
-    from fasttune.config import EVAL_EXAMPLES
-    from fasttune.tokenizer import load_tokenizer
+    from fasttune.models.tokenizer import load_tokenizer
+    from fasttune.train.config import EVAL_EXAMPLES
 
     root = tmp_path_factory.mktemp("evalsplit")
     write_jsonl(root / "corpus.jsonl", synth.generate(EVAL_EXAMPLES + 40, seed=11))
@@ -128,7 +139,7 @@ def big_test_split(tmp_path_factory, setup):
 
 
 def test_item18_eval_generates_for_the_runs_default_number_of_prompts(setup, big_test_split, tmp_path):
-    from fasttune.config import EVAL_EXAMPLES, RunConfig
+    from fasttune.train.config import EVAL_EXAMPLES, RunConfig
 
     assert RunConfig().eval_examples == EVAL_EXAMPLES == 200  # one constant for the run and the command
     data, n_test = big_test_split
@@ -153,7 +164,7 @@ def test_item18_eval_generates_for_the_runs_default_number_of_prompts(setup, big
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_item16_chunked_loss_equals_the_eager_loss_and_gradients(autocast):
-    from fasttune.chunked_loss import chunked_cross_entropy
+    from fasttune.models.chunked_loss import chunked_cross_entropy
 
     torch.manual_seed(0)
     T, H, V = 700, 24, 1000
@@ -179,10 +190,10 @@ def test_item16_chunked_loss_equals_the_eager_loss_and_gradients(autocast):
 
 _MEASURE = """
 import json, sys
-from fasttune import train
-from fasttune.config import load_config
-from fasttune.host_memory import peak_rss_bytes
-from fasttune.host_plan import host_plan_for_config
+from fasttune.train import loop as train
+from fasttune.train.config import load_config
+from fasttune.profiling.host_memory import peak_rss_bytes
+from fasttune.plan.host import host_plan_for_config
 cfg = load_config(None, sys.argv[1:])
 train.run(cfg)
 plan = host_plan_for_config(cfg)
@@ -195,7 +206,7 @@ def test_item16_cpu_run_host_peak_is_within_1_3x_of_the_planned(setup, tmp_path)
     step) at 1,024-token micro-batches: the run's measured high-water mark of RSS (VmHWM, the child
     process's whole life) is at most 1.3x what the planner predicts for the host, and not far below it."""
     from conftest import hf_model
-    from fasttune.host_memory import peak_rss_bytes
+    from fasttune.profiling.host_memory import peak_rss_bytes
 
     if peak_rss_bytes() is None:
         pytest.skip("no /proc/self/status VmHWM here")
@@ -203,9 +214,20 @@ def test_item16_cpu_run_host_peak_is_within_1_3x_of_the_planned(setup, tmp_path)
     hf_model("qwen2_tied", vocab_size=65536).save_pretrained(model_dir)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (model_dir / f).write_bytes((setup / "model" / f).read_bytes())
-    args = [f"model={model_dir}", f"data.files=[{setup / 'data.jsonl'}]", f"output_dir={tmp_path / 'out'}",
-            "device=cpu", "micro_batch_tokens=1024", "max_seq_len=512", "max_steps=2", "eval_every=1000",
-            "save_every=1000", "samples=0", "eval_examples=0", "data.system_prompt=none"]
+    args = [
+        f"model={model_dir}",
+        f"data.files=[{setup / 'data.jsonl'}]",
+        f"output_dir={tmp_path / 'out'}",
+        "device=cpu",
+        "micro_batch_tokens=1024",
+        "max_seq_len=512",
+        "max_steps=2",
+        "eval_every=1000",
+        "save_every=1000",
+        "samples=0",
+        "eval_examples=0",
+        "data.system_prompt=none",
+    ]
     r = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.split("HOST ", 1)[1])
@@ -215,7 +237,7 @@ def test_item16_cpu_run_host_peak_is_within_1_3x_of_the_planned(setup, tmp_path)
 
 
 def test_item16_dry_run_prints_the_host_plan(setup, capsys):
-    from fasttune.cli import main
+    from fasttune.cli.main import main
 
     assert main(["run", "--dry-run", f"model={setup / 'model'}", "device=cpu"]) == 0
     out = capsys.readouterr().out

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from fasttune import train
-from fasttune.cli import main
-from fasttune.config import RunConfig, load_config, validate
-from fasttune.config_diff import compare_configs
-from fasttune.distributed import split_global_batch
+from fasttune.cli.main import main
 from fasttune.errors import ConfigError, FasttuneError
-from fasttune.run_folder import LOCK, RunFolderError
+from fasttune.train import loop as train
+from fasttune.train.config import RunConfig, load_config, validate
+from fasttune.train.config_diff import compare_configs
+from fasttune.train.distributed import split_global_batch
+from fasttune.train.run_folder import LOCK, RunFolderError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -306,7 +306,7 @@ def test_item12_a_killed_run_leaves_no_stale_lock(setup, tmp_path):
     code = (
         "import os, signal, sys\n"
         "from fasttune import train\n"
-        "from fasttune.config import load_config\n"
+        "from fasttune.train.config import load_config\n"
         "def die(step, record):\n"
         "    if step == 2:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -24,9 +24,9 @@ import torch
 import fasttune
 from conftest import write_checkpoint
 from fasttune.errors import CheckpointError, ConfigError, TokenizerError
-from fasttune.judge import Item, JudgeCache, JudgeClient, load_template, score_items
-from fasttune.model import ModelConfig
-from fasttune.tokenizer import Tokenizer, builtin_tokenizer, write_builtin_tokenizer
+from fasttune.eval.judge import Item, JudgeCache, JudgeClient, load_template, score_items
+from fasttune.models.model import ModelConfig
+from fasttune.models.tokenizer import Tokenizer, builtin_tokenizer, write_builtin_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -242,7 +242,7 @@ def test_item03_https_verifies_the_certificate_and_keeps_the_deadline(tls, tmp_p
 def test_item03_judge_timeout_help_says_it_bounds_the_whole_request():
     import argparse
 
-    from fasttune import eval_cli
+    from fasttune.cli import eval as eval_cli
 
     parser = argparse.ArgumentParser()
     eval_cli.add_subparser(parser.add_subparsers())
@@ -370,7 +370,7 @@ def test_item02_files_over_their_cap_are_refused_unread(tmp_path, name, size, ca
 
 def test_item02_a_file_longer_than_its_stat_size_is_cut_at_the_cap(tmp_path):
     """procfs files report size 0 and have content: the read itself stops at the cap, not the stat."""
-    from fasttune.safe_io import read_text
+    from fasttune.io.safe_read import read_text
 
     f = tmp_path / "t.txt"
     f.write_text("x" * 100)

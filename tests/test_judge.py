@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fasttune.judge import (
+from fasttune.eval.judge import (
     DEFAULT_PAIRWISE,
     DEFAULT_RUBRIC,
     Item,

@@ -17,7 +17,7 @@ from torch import nn
 import fasttune
 from conftest import write_checkpoint
 from fasttune.errors import CheckpointError, ConfigError
-from fasttune.lora import (
+from fasttune.models.lora import (
     LoraConfig,
     LoraLinear,
     apply_lora,
@@ -28,7 +28,7 @@ from fasttune.lora import (
     merge_lora,
     save_adapter,
 )
-from fasttune.model import CausalLM
+from fasttune.models.model import CausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 21, 8], [7, 1, 2, 88, 30, 11, 9, 4, 50]])
@@ -157,7 +157,7 @@ def test_apply_lora_targets_only_the_named_layers(base_dir):
 
 
 def test_apply_lora_on_the_meta_device(base_dir):
-    cfg = fasttune.weights.read_config(base_dir)
+    cfg = fasttune.models.weights.read_config(base_dir)
     with torch.device("meta"):
         model = CausalLM(cfg).to(torch.bfloat16)
     apply_lora(model, LoraConfig(r=4))

@@ -7,8 +7,8 @@ import torch
 
 import fasttune
 from conftest import QWEN_FIXTURE
-from fasttune import metrics
-from fasttune.model import ModelConfig
+from fasttune.models.model import ModelConfig
+from fasttune.train import metrics
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 
 import fasttune
 from conftest import FAMILIES, hf_model, write_checkpoint
-from fasttune.model import ModelConfig, default_position_ids
+from fasttune.models.model import ModelConfig, default_position_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -169,7 +169,7 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
 @pytest.mark.parametrize("family", ["qwen2_tied", "qwen3", "llama", "mistral"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_triton_kernels_match_the_references_in_the_whole_model(tmp_path, family, lora):
-    from fasttune.lora import LoraConfig, apply_lora
+    from fasttune.models.lora import LoraConfig, apply_lora
 
     write_checkpoint(tmp_path, family)
     models = {k: fasttune.load_model(tmp_path, dtype=torch.float32, kernels=k) for k in ("torch", "triton")}

@@ -7,9 +7,7 @@ import torch
 
 import fasttune
 from conftest import hf_model
-from fasttune.data import DataError, Example
-from fasttune.model import ModelConfig
-from fasttune.packing import (
+from fasttune.data.packing import (
     PackedSampler,
     TokenizedData,
     TokenizeOptions,
@@ -19,7 +17,9 @@ from fasttune.packing import (
     padded_efficiency,
     tokenize,
 )
-from fasttune.tokenizer import builtin_tokenizer
+from fasttune.data.records import DataError, Example
+from fasttune.models.model import ModelConfig
+from fasttune.models.tokenizer import builtin_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,21 @@ import pytest
 import torch
 
 from conftest import FAMILIES  # noqa: F401  (conftest sets up Triton's interpreter first)
-from fasttune.cli import main
-from fasttune.lora import LoraConfig, apply_lora
-from fasttune.model import CausalLM, ModelConfig
-from fasttune.plan import ASSUMED_MFU, Options, Shape, make_plan, measured_mfu, resolve_gpu, resolve_model
-from fasttune.plan_memory import CUDA_CONTEXT_BYTES, activation_bytes, training_state_bytes
-from fasttune.plan_tables import GPUS, SHAPES
-from fasttune.qlora import NF4_BYTES_PER_WEIGHT
+from fasttune.cli.main import main
+from fasttune.models.lora import LoraConfig, apply_lora
+from fasttune.models.model import CausalLM, ModelConfig
+from fasttune.models.qlora import NF4_BYTES_PER_WEIGHT
+from fasttune.plan.estimate import (
+    ASSUMED_MFU,
+    Options,
+    Shape,
+    make_plan,
+    measured_mfu,
+    resolve_gpu,
+    resolve_model,
+)
+from fasttune.plan.memory import CUDA_CONTEXT_BYTES, activation_bytes, training_state_bytes
+from fasttune.plan.tables import GPUS, SHAPES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GIB = 2**30
@@ -77,8 +85,8 @@ def _tiny(layers, qk_norm):
 def _model(o: Options, layers: int, qk_norm: bool, tmp_path):
     torch.manual_seed(0)
     if o.method == "qlora":
-        from fasttune.qlora import load_qlora_model
-        from fasttune.weights import save_model
+        from fasttune.models.qlora import load_qlora_model
+        from fasttune.models.weights import save_model
 
         folder = tmp_path / f"tiny-{layers}-{qk_norm}"
         if not folder.exists():
@@ -251,9 +259,9 @@ def test_fsdp_divides_the_training_state_and_ddp_does_not():
 
 
 def test_the_strategy_rule_and_state_bytes_agree_with_parallelize():
-    from fasttune.parallelize import DDP_MEMORY_SHARE
-    from fasttune.parallelize import training_state_bytes as parallel_state
-    from fasttune.plan_memory import DDP_SHARE
+    from fasttune.plan.memory import DDP_SHARE
+    from fasttune.train.parallelize import DDP_MEMORY_SHARE
+    from fasttune.train.parallelize import training_state_bytes as parallel_state
 
     assert DDP_SHARE == DDP_MEMORY_SHARE
     for method, precision in (("full", "bf16"), ("full", "bf16-pure"), ("lora", "bf16"), ("lora", "fp32")):
@@ -270,7 +278,7 @@ def test_the_strategy_rule_and_state_bytes_agree_with_parallelize():
 
 def test_the_loss_chunk_is_the_ops():
     from fasttune.ops.linear_cross_entropy import _CHUNK_BYTES, _auto_chunk_size
-    from fasttune.plan_memory import LCE_CHUNK_BYTES, _chunk_tokens
+    from fasttune.plan.memory import LCE_CHUNK_BYTES, _chunk_tokens
 
     assert LCE_CHUNK_BYTES == _CHUNK_BYTES
     for T, V, b in ((16384, 151_936, 2), (100, 151_936, 2), (16384, 128_256, 4), (8192, 32_000, 2)):
@@ -388,10 +396,10 @@ def test_plan_prints_the_table_and_json(capsys, tmp_path):
 
 
 def test_plan_reads_the_tokens_of_a_jsonl_file_and_of_prepared_data(tmp_path, capsys):
-    from fasttune import synth
-    from fasttune.data import Example, write_jsonl
-    from fasttune.packing import TokenizeOptions, pack_bfd, packing_efficiency, tokenize
-    from fasttune.tokenizer import builtin_tokenizer
+    from fasttune.data import synth
+    from fasttune.data.packing import TokenizeOptions, pack_bfd, packing_efficiency, tokenize
+    from fasttune.data.records import Example, write_jsonl
+    from fasttune.models.tokenizer import builtin_tokenizer
 
     records = synth.generate(50, seed=1)
     write_jsonl(tmp_path / "d.jsonl", records)

@@ -1,7 +1,7 @@
 """QLoRA: the NF4 storage against a hand quantisation, the layer against LoRA on its dequantised weight
 (outputs and every gradient, PyTorch and Triton paths), the layer-by-layer load against quantising a
 loaded model and against transformers' `load_in_4bit`, the adapter in PEFT (onto the 4-bit model exactly,
-onto the unquantised base within the NF4 error), a few training steps of `fasttune.train.run`, and the
+onto the unquantised base within the NF4 error), a few training steps of `fasttune.train.loop.run`, and the
 host-memory peak of loading."""
 
 import json
@@ -20,12 +20,10 @@ import transformers  # noqa: E402
 
 import fasttune  # noqa: E402
 from conftest import dot_dtype_skip, write_checkpoint  # noqa: E402
-from fasttune import train  # noqa: E402
-from fasttune.config import load_config  # noqa: E402
 from fasttune.errors import ConfigError  # noqa: E402
-from fasttune.generate import greedy_nocache  # noqa: E402
-from fasttune.lora import LoraConfig, LoraLinear, count_parameters, lora_parameters, save_adapter  # noqa: E402
-from fasttune.qlora import (  # noqa: E402
+from fasttune.eval.generation import greedy_nocache  # noqa: E402
+from fasttune.models.lora import LoraConfig, LoraLinear, count_parameters, lora_parameters, save_adapter  # noqa: E402
+from fasttune.models.qlora import (  # noqa: E402
     NF4_BYTES_PER_WEIGHT,
     NF4Linear,
     QLoraLinear,
@@ -34,6 +32,8 @@ from fasttune.qlora import (  # noqa: E402
     nf4_layers,
     qlora_linear,
 )
+from fasttune.train import loop as train  # noqa: E402
+from fasttune.train.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -121,10 +121,10 @@ def test_quantising_in_chunks_gives_the_bytes_of_one_bitsandbytes_call(dtype, mo
     bytes of temporaries per element): the same codes, scales and double quantisation as one call."""
     import bitsandbytes.functional as bnb_f
 
-    import fasttune.qlora
+    import fasttune.models.qlora
 
     w = linear(200, 37, dtype).weight.detach()
-    monkeypatch.setattr(fasttune.qlora, "QUANTIZE_CHUNK", 128)  # 58 chunks, the last one short
+    monkeypatch.setattr(fasttune.models.qlora, "QUANTIZE_CHUNK", 128)  # 58 chunks, the last one short
     layer = NF4Linear(200, 37, bias=False, dtype=dtype)
     layer.quantize_(w)
     packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -265,8 +265,8 @@ def test_only_the_adapters_train_and_the_nf4_base_is_untouched(base_dir):
 
 def test_flops_per_token_counts_the_nf4_weights_as_lora_counts_its_base(base_dir):
     """The loop's MFU: QLoRA's NF4 weights are buffers, yet they are matmul weights like LoRA's base."""
-    from fasttune.lora import apply_lora
-    from fasttune.metrics import flops_per_token
+    from fasttune.models.lora import apply_lora
+    from fasttune.train.metrics import flops_per_token
 
     qlora = load_qlora_model(base_dir, LoraConfig(r=4), compute_dtype=torch.float32)
     lora = fasttune.load_model(base_dir)
@@ -430,8 +430,8 @@ def test_a_few_qlora_steps_reduce_the_loss_and_export_a_peft_adapter(setup, tmp_
 
 _MEASURE = r"""
 import sys, torch, bitsandbytes.functional
-from fasttune.lora import LoraConfig
-from fasttune.qlora import NF4Linear, load_qlora_model
+from fasttune.models.lora import LoraConfig
+from fasttune.models.qlora import NF4Linear, load_qlora_model
 def rss(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):

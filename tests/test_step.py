@@ -1,4 +1,4 @@
-"""Issue 15 item 2: one training step (fasttune.step.train_step) that `fasttune run`, `fasttune bench` and
+"""Issue 15 item 2: one training step (train.step.train_step) that `fasttune run`, `fasttune bench` and
 the CI gate all train through. The step equals the loop's former inline step, its guard blocks the update,
 and a change to the step (its guard, or a non-finite loss) is seen by the gate's fasttune runner exactly as
 `fasttune run` sees it."""
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import fasttune
-from fasttune import step as one_step
-from fasttune import train
-from fasttune.config import load_config
-from fasttune.data import read_sources
-from fasttune.packing import TokenizeOptions, collate, tokenize
-from fasttune.parallelize import Parallel
+from fasttune.data.packing import TokenizeOptions, collate, tokenize
+from fasttune.data.records import read_sources
+from fasttune.train import loop as train
+from fasttune.train import step as one_step
+from fasttune.train.config import load_config
+from fasttune.train.parallelize import Parallel
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks" / "e2e"))
 

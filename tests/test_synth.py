@@ -1,4 +1,4 @@
-"""The built-in proverb corpus (`fasttune.synth`): record shape, exact counts, balance, determinism and
+"""The built-in proverb corpus (`fasttune.data.synth`): record shape, exact counts, balance, determinism and
 variety of `generate`, prompt/answer agreement and grammar, the atomic JSONL writer, and the corpus
 statistics on small hand-made inputs with known answers."""
 
@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from fasttune import synth
-from fasttune.synth import (
+from fasttune.data import synth
+from fasttune.data.synth import (
     INPUT_TYPES,
     TEMPLATE_FAMILIES,
     distinct_n,
@@ -79,7 +79,7 @@ def test_generate_is_deterministic_in_seed():
 def test_generate_does_not_depend_on_hash_seed_or_process():
     """No set or hash order leaks into the corpus: two fresh interpreters with different hash seeds
     produce exactly what this one does."""
-    code = "import json; from fasttune.synth import generate; print(json.dumps(generate(120, 5)))"
+    code = "import json; from fasttune.data.synth import generate; print(json.dumps(generate(120, 5)))"
     expected = generate(120, 5)
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}

@@ -11,11 +11,11 @@ import torch
 import transformers
 
 import fasttune
-from fasttune import train
-from fasttune.checkpoint import find_latest
-from fasttune.cli import main
-from fasttune.config import load_config
-from fasttune.packing import PackedSampler, TokenizedData, collate
+from fasttune.cli.main import main
+from fasttune.data.packing import PackedSampler, TokenizedData, collate
+from fasttune.train import loop as train
+from fasttune.train.checkpoint import find_latest
+from fasttune.train.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -127,17 +127,17 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(setup, tmp_path, cap
 
 def test_a_crash_during_a_checkpoint_leaves_the_previous_one(setup, tmp_path, monkeypatch, capsys):
     cfg = config(setup, tmp_path, "max_steps=8", "save_every=3")
-    real = fasttune.checkpoint._save_state
+    real = fasttune.train.checkpoint._save_state
 
     def crash_on_the_second_checkpoint(state, folder):
         real(state, folder)  # the tensors are written; the crash comes before meta.json and the rename
         if ".step-00000006" in str(folder):
             raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(fasttune.checkpoint, "_save_state", crash_on_the_second_checkpoint)
+    monkeypatch.setattr(fasttune.train.checkpoint, "_save_state", crash_on_the_second_checkpoint)
     with pytest.raises(OSError, match="simulated"):
         train.run(cfg)
-    monkeypatch.setattr(fasttune.checkpoint, "_save_state", real)
+    monkeypatch.setattr(fasttune.train.checkpoint, "_save_state", real)
     found, why = find_latest(tmp_path)
     assert found.name == "step-00000003" and "named by" in why
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000003"]
@@ -185,7 +185,7 @@ def test_lora_adapter_and_merged_model_load_in_peft_and_transformers(setup, tmp_
     train.run(cfg)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 8]])
     ours = fasttune.load_model(setup / "model")
-    from fasttune.lora import load_adapter
+    from fasttune.models.lora import load_adapter
 
     load_adapter(ours, tmp_path / "adapter")
     with torch.no_grad():
@@ -302,7 +302,7 @@ def test_the_loop_with_triton_kernels_gives_the_reference_losses(setup, tmp_path
 
 
 def test_the_end_of_a_run_reports_generations_and_their_metrics(setup, tmp_path, capsys):
-    from fasttune.evaluate import split_loss
+    from fasttune.eval.evaluate import split_loss
 
     cfg = config(setup, tmp_path, "max_steps=3", "samples=2", "eval_examples=4", "data.split=[0.8,0.1,0.1]")
     result = train.run(cfg)

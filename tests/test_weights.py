@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import fasttune
 from conftest import write_checkpoint
 from fasttune.errors import CheckpointError, ConfigError
-from fasttune.weights import parse_size, read_safetensors_header
+from fasttune.models.weights import parse_size, read_safetensors_header
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 21, 8]])
@@ -223,7 +223,7 @@ def test_nothing_is_allocated_before_validation(tmp_path, monkeypatch):
     write_checkpoint(tmp_path, "qwen2_tied")
     _edit_tensors(tmp_path, lambda t: t.pop("model.embed_tokens.weight"))
     reads = []
-    monkeypatch.setattr("fasttune.weights._copy_from_map", lambda *a: reads.append(a))
+    monkeypatch.setattr("fasttune.models.weights._copy_from_map", lambda *a: reads.append(a))
     with pytest.raises(CheckpointError):
         fasttune.load_model(tmp_path)
     assert reads == []

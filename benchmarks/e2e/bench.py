@@ -6,7 +6,7 @@
 Each variant trains the same plan of steps (32 examples per step, truncated at 128 tokens, the built-in
 corpus or a JSONL file, tokenized with the model's tokenizer or the bundled Qwen2.5 one for named shapes)
 and reports target and real tokens/s, step time, peak memory, MFU (from the GPU's peak in
-fasttune.metrics), the loss after the same tokens, and ratios to `hf_padded` (a) and `hf_padding_free`
+fasttune.train.metrics), the loss after the same tokens, and ratios to `hf_padded` (a) and `hf_padding_free`
 (b). Warm-up steps are excluded; the first step's time (compilation included) is reported apart. Results
 go to benchmarks/results/<gpu>/e2e/<name>.{json,md,png}, stamped with the GPU, versions and commit.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent / "ops"))
 
 from runners import StepPlan, peak_for, run_fasttune, run_hf  # noqa: E402
 
-from fasttune.plan_tables import SHAPES as _PLAN_SHAPES  # noqa: E402
+from fasttune.plan.tables import SHAPES as _PLAN_SHAPES  # noqa: E402
 
 # Published configs of the named shapes (random weights are enough for speed and memory): the planner's
 # table, so that `fasttune plan` and `fasttune bench` mean the same model by the same name.
@@ -39,7 +39,7 @@ def random_checkpoint(shape: str, folder: Path, dtype: torch.dtype) -> Path:
     """Random weights of a named shape, with the bundled Qwen2.5 tokenizer, written by transformers."""
     import transformers
 
-    from fasttune.tokenizer import write_builtin_tokenizer
+    from fasttune.models.tokenizer import write_builtin_tokenizer
 
     spec = {"max_position_embeddings": 32768, **SHAPES[shape]}
     cfg = transformers.AutoConfig.for_model(**spec)
@@ -51,9 +51,10 @@ def random_checkpoint(shape: str, folder: Path, dtype: torch.dtype) -> Path:
 
 
 def tokenized(model_dir: Path, data_file: str | None, seed: int):
-    from fasttune import load_tokenizer, synth
-    from fasttune.data import Example, read_sources
-    from fasttune.packing import TokenizeOptions, tokenize
+    from fasttune import load_tokenizer
+    from fasttune.data import synth
+    from fasttune.data.packing import TokenizeOptions, tokenize
+    from fasttune.data.records import Example, read_sources
 
     if data_file:
         examples, _ = read_sources([data_file])

@@ -29,10 +29,11 @@ THRESHOLDS = HERE / "thresholds.json"
 
 def workload(root: Path, n_examples: int = 1200, tokens: int = 40_000, seed: int = 0):
     """The tiny checkpoint and tokenized corpus, written under `root`."""
-    from fasttune import builtin, synth
-    from fasttune.data import Example
-    from fasttune.packing import TokenizeOptions, tokenize
-    from fasttune.weights import save_model
+    from fasttune.data import synth
+    from fasttune.data.packing import TokenizeOptions, tokenize
+    from fasttune.data.records import Example
+    from fasttune.models import builtin
+    from fasttune.models.weights import save_model
 
     records = synth.generate(n_examples, seed)
     tok = builtin.train_tokenizer([r[k] for r in records for k in ("input", "output")])

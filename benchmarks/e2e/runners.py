@@ -12,7 +12,7 @@ step by step, and measures the same things:
   fasttune         the step's examples packed into one row padded to a fixed bucket (static shapes for
                    torch.compile), trained as `fasttune run` trains: the model, optimizer and schedule
                    from train.py's set-up functions (fp32 master weights, bf16 autocast for bfloat16),
-                   each step through fasttune.step.train_step (the non-finite guard included). The
+                   each step through fasttune.train.step.train_step (the non-finite guard included). The
                    variants differ from `fasttune run` only by config (kernels, compile, LoRA).
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttune.config import LoraSettings, OptimConfig, RunConfig, validate
-from fasttune.metrics import flops_per_token, peak_flops
-from fasttune.packing import TokenizedData, collate
+from fasttune.data.packing import TokenizedData, collate
+from fasttune.train.config import LoraSettings, OptimConfig, RunConfig, validate
+from fasttune.train.metrics import flops_per_token, peak_flops
 
 BATCH = 32
 MAX_LEN = 128
@@ -216,15 +216,15 @@ def run_fasttune(
     lr: float = 2e-5,
 ) -> Result:
     """The variant as `fasttune run` trains it: model, strategy, optimizer and schedule from train.py's
-    set-up functions, every step through `fasttune.step.train_step` (autocast, guard and all). A
+    set-up functions, every step through `fasttune.train.step.train_step` (autocast, guard and all). A
     non-finite step stops the variant with NonFiniteError, as `fasttune run` with nonfinite_skips=0
     stops."""
     import tempfile
 
-    from fasttune import step as one_step
-    from fasttune import train
-    from fasttune.distributed import SINGLE
-    from fasttune.tokenizer import load_tokenizer
+    from fasttune.models.tokenizer import load_tokenizer
+    from fasttune.train import loop as train
+    from fasttune.train import step as one_step
+    from fasttune.train.distributed import SINGLE
 
     device = torch.device(device)
     cfg = fasttune_config(model_dir, dtype, kernels, compile, lora, lr, device, len(plan.steps))

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from fasttune import synth, train
-from fasttune.config import load_config
-from fasttune.data import write_jsonl
-from fasttune.host_memory import peak_rss_bytes, reset_peak, rss_bytes
-from fasttune.model import CausalLM, ModelConfig
-from fasttune.plan_tables import SHAPES
-from fasttune.tokenizer import write_builtin_tokenizer
-from fasttune.weights import save_model
+from fasttune.data import synth
+from fasttune.data.records import write_jsonl
+from fasttune.models.model import CausalLM, ModelConfig
+from fasttune.models.tokenizer import write_builtin_tokenizer
+from fasttune.models.weights import save_model
+from fasttune.plan.tables import SHAPES
+from fasttune.profiling.host_memory import peak_rss_bytes, reset_peak, rss_bytes
+from fasttune.train import loop as train
+from fasttune.train.config import load_config
 
 GIB = 2**30
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         ]
         out = measure(root, overrides)
         print("measured: " + json.dumps(out), flush=True)
-        from fasttune.host_plan import host_plan_for_config
+        from fasttune.plan.host import host_plan_for_config
 
         plan = host_plan_for_config(load_config(None, [f"output_dir={root / 'out'}", *overrides]))
         out["planned_gib"] = {k: getattr(plan, k) / GIB for k in ("load", "step", "end", "peak")}

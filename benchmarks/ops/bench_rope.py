@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402  (first: with --smoke it selects Triton's interpreter before triton loads)
 import torch  # noqa: E402
 
-from fasttune.model import rope_cos_sin  # noqa: E402
+from fasttune.models.model import rope_cos_sin  # noqa: E402
 from fasttune.ops.rope import rope, rope_ref  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv

@@ -6,32 +6,44 @@ Public API:
     load_tokenizer(path) -> Tokenizer                         # tokenizer.json + chat template
     generate(model, prompts, max_new_tokens=128, ...) -> list[list[int]]   # KV-cache decoding
 
-`fasttune.generate` is the function; the module of the same name is `from fasttune.generate import ...`.
+The names load on first use (PEP 562): `import fasttune` and `fasttune --help` do not import torch.
 """
 
-from fasttune.attention import set_attention_backend
-from fasttune.errors import CheckpointError, ConfigError, FasttuneError, TokenizerError
-from fasttune.generate import generate, load_for_generation  # the function shadows the module's name here
-from fasttune.model import CausalLM, ModelConfig
-from fasttune.tokenizer import ChatEncoding, Tokenizer, load_tokenizer
-from fasttune.weights import check_checkpoint, load_model, save_model
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "CausalLM",
-    "ChatEncoding",
-    "CheckpointError",
-    "ConfigError",
-    "FasttuneError",
-    "ModelConfig",
-    "Tokenizer",
-    "TokenizerError",
-    "check_checkpoint",
-    "generate",
-    "load_for_generation",
-    "load_model",
-    "load_tokenizer",
-    "save_model",
-    "set_attention_backend",
-]
+from fasttune.version import __version__
+
+# name -> the module that owns it; imported when the name is first read
+_EXPORTS = {
+    "CausalLM": "fasttune.models.model",
+    "ModelConfig": "fasttune.models.model",
+    "ChatEncoding": "fasttune.models.tokenizer",
+    "Tokenizer": "fasttune.models.tokenizer",
+    "load_tokenizer": "fasttune.models.tokenizer",
+    "check_checkpoint": "fasttune.models.weights",
+    "load_model": "fasttune.models.weights",
+    "save_model": "fasttune.models.weights",
+    "generate": "fasttune.eval.generation",
+    "load_for_generation": "fasttune.eval.generation",
+    "set_attention_backend": "fasttune.models.attention",
+    "CheckpointError": "fasttune.errors",
+    "ConfigError": "fasttune.errors",
+    "FasttuneError": "fasttune.errors",
+    "TokenizerError": "fasttune.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fasttune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later reads are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,5 +1,5 @@
 import sys
 
-from fasttune.cli import main
+from fasttune.cli.main import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 """fasttune.ops.lora_linear: the fused LoRA linear against fp64, against PyTorch in the same dtype, and
-against `fasttune.lora.LoraLinear`, forward and backward, with and without bias and dropout."""
+against `fasttune.models.lora.LoraLinear`, forward and backward, with and without bias and dropout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import assert_fp64_close, dot_dtype_skip
-from fasttune.lora import LoraLinear
+from fasttune.models.lora import LoraLinear
 from fasttune.ops import interpreting
 from fasttune.ops.lora_linear import (
     LoraLinearFunction,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import assert_fp64_close
-from fasttune.model import ModelConfig, rope_inv_freq
+from fasttune.models.model import ModelConfig, rope_inv_freq
 from fasttune.ops import interpreting
 from fasttune.ops.rope import rope, rope_ref
 
@@ -317,3 +317,18 @@ def test_rope_after_a_function_that_returns_a_view_of_its_own_buffer():
     out_q, _ = rope(q, k, torch.arange(3, device=DEVICE)[None], _inv_freq(8))
     out_q.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rope_ref_is_the_models_rope_bit_for_bit(dtype):
+    # ops/ sit below the model, so rope_ref writes the model's math out again: the two must not drift.
+    from fasttune.models.model import apply_rope, rope_cos_sin
+
+    cfg = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    inv_freq = rope_inv_freq(cfg)
+    q = torch.randn(2, 9, 4, 16, dtype=dtype)
+    k = torch.randn(2, 9, 2, 16, dtype=dtype)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [5, 6, 7, 8, 9, 10, 11, 12, 4000]])
+    cos, sin = rope_cos_sin(inv_freq, pos, dtype)
+    q_ref, k_ref = rope_ref(q, k, pos, inv_freq)
+    assert torch.equal(q_ref, apply_rope(q, cos, sin)) and torch.equal(k_ref, apply_rope(k, cos, sin))

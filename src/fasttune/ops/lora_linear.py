@@ -37,7 +37,7 @@ def lora_linear_ref(
     dropout_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """`fasttune.lora.LoraLinear.forward` with the dropout draw as an argument: `dropout_mask` is a bool
+    """`models.lora.LoraLinear.forward` with the dropout draw as an argument: `dropout_mask` is a bool
     keep-mask of x's shape (None: no dropout) and `dropout_p` the probability it was drawn with, so that
     dropped(x) = x * mask / (1 - p), computed as `nn.Dropout` computes it (the kept scale 1 / (1 - p) is
     rounded to fp32 first)."""

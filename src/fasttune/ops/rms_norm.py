@@ -1,6 +1,6 @@
 """RMSNorm over the last dimension, optionally fused with the residual add that precedes it.
 
-The numerics are the model's (`fasttune.model.RMSNorm`, as transformers): the normalisation in fp32, its
+The numerics are the model's (`models.model.RMSNorm`, as transformers): the normalisation in fp32, its
 result rounded to the activation dtype, and only then the multiply by the weight, so the output dtype is
 `promote_types(weight.dtype, x.dtype)` (fp32 under mixed precision, where the weight stays fp32).
 """

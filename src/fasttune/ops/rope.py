@@ -1,6 +1,6 @@
 """Rotary position embeddings for q and k, in place, with the angles computed in the kernel.
 
-The numerics are the model's (`fasttune.model.rope_cos_sin` + `apply_rope`, as transformers): the angle
+The numerics are the model's (`fasttune.models.model.rope_cos_sin` + `apply_rope`, as transformers): the angle
 of position p and frequency f is the fp32 product `float(p) * f`, and the "half-split" layout rotates the
 pair (x[i], x[i + hd/2]) by it. The reference then rounds cos and sin to the activation dtype and does
 the multiply-adds in that dtype; the kernel keeps cos, sin and the rotation in fp32 and rounds once, on
@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fasttune.model import apply_rope, rope_cos_sin
 from fasttune.ops import check_triton
 from fasttune.ops._rounding import round_to
 
@@ -33,8 +32,17 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_f
     On fp64 inputs (how the tests build the exact result) the angles and their cos/sin are still fp32,
     exactly as in training, and only the multiply-adds are fp64.
     """
-    cos, sin = rope_cos_sin(inv_freq, position_ids, q.dtype)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # The model's math (models/model.py: rope_cos_sin, apply_rope), written out here because ops sit below
+    # the model; tests/ops/test_rope.py checks the two agree bit for bit.
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(q.dtype)[:, :, None], emb.sin().to(q.dtype)[:, :, None]
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    return rotate(q), rotate(k)
 
 
 # fmt: off

@@ -1,0 +1,1 @@
+"""fasttune bench: the end-to-end benchmark against the Hugging Face baseline."""

@@ -1,0 +1,1 @@
+"""The fasttune command: one module per command."""

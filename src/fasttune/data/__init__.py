@@ -1,0 +1,1 @@
+"""Records, tokenization and packing, the corpus pipeline, the built-in synthetic corpus."""

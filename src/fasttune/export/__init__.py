@@ -1,0 +1,1 @@
+"""Export formats: Hugging Face, PEFT, merged, GGUF."""

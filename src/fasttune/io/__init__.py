@@ -1,0 +1,1 @@
+"""Shared file handling: bounded reads of model folders, the JSONL reader, atomic writes."""

@@ -1,0 +1,1 @@
+"""The model math, its weights and tokenizer, LoRA/QLoRA and the merge."""

@@ -1,0 +1,1 @@
+"""Memory and time estimates before a run."""

@@ -1,0 +1,1 @@
+"""fasttune profile: traces, named regions, op timing."""

@@ -1,0 +1,708 @@
+"""`fasttune profile`: where the time of a training step goes, and how fast one op is.
+
+    profile_run(cfg, steps=5, warmup=2)   # the loop under torch.profiler: trace.json + profile.json
+    profile_op("rms_norm")                # one op, Triton against its PyTorch reference, across shapes
+
+Regions. The model and the loop mark their parts with `with region("attention"):` (`fasttune.attention`,
+`.mlp`, `.norm`, `.head_loss`, `.embedding`, `.optimizer` in the trace). `region` returns a
+`contextlib.nullcontext()` unless `REGIONS_ON` is set, which only `profile_run` does, for the length of
+the run: a normal run pays one global read per region and torch.compile sees no profiler call.
+
+Shares of the step. The step time is the sum of the profiler's `ProfilerStep#N` events over the recorded
+steps (one per optimizer step: from one `on_step` to the next, so the loop's own work between steps is in
+it). Each region's time has two parts:
+  - forward: the region events' own durations (each region a disjoint interval of the main thread; the
+    markers are placed so that none nests in another, and the analysis checks it);
+  - backward: the autograd engine's `evaluate_function: <Node>` events whose node was created by an op
+    inside the region (matched by the autograd sequence number and forward thread that the profiler
+    records on both).
+Where one counted interval lies inside another (activation checkpointing re-runs a block's forward inside
+the backward of the block's last node), the time inside goes to the inner one and only the rest to the
+outer: each instant is counted once, for the innermost region that holds it. On the CPU a region's time is
+the wall time of its intervals; on CUDA it is the time of the GPU kernels launched from inside them.
+"other" is the step time that no region holds: the RoPE tables, the loss scaling, gradient accumulation
+into `.grad`, clipping, batching on the host, logging, and on a GPU the time it sits idle.
+
+The top ops: on the CPU, aten ops (and autograd nodes, custom Functions) by self CPU time; on CUDA, GPU
+kernels by their time. Each share is of the same step time, so the shares of the list add up to at most 1.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import difflib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fasttune import regions as marks
+from fasttune.errors import FasttuneError
+from fasttune.regions import PREFIX, REGIONS
+
+PERFETTO = "https://ui.perfetto.dev"
+_BACKWARD = "autograd::engine::evaluate_function: "
+
+
+# ----------------------------------------------------------------------------------------------------------
+# profile_run: the training loop under torch.profiler
+
+
+@dataclass
+class RegionTime:
+    name: str  # a REGIONS name or "other"
+    share: float  # of the profiled steps' time
+    ms_per_step: float
+    backward_ms_per_step: float  # the part spent in the backward of the region's ops (0 for "other")
+
+
+@dataclass
+class OpTime:
+    name: str  # an aten op / autograd node on the CPU, a GPU kernel on CUDA
+    calls_per_step: float
+    ms_per_step: float
+    share: float  # of the profiled steps' time
+
+
+@dataclass
+class ProfileReport:
+    device: str  # "cpu" or the GPU's name
+    basis: str  # what the times are: "CPU time" or "GPU kernel time"
+    steps: int  # optimizer steps recorded
+    warmup: int  # steps run before the recorded ones
+    step_ms: float  # mean wall time of a recorded step (under the profiler, which adds overhead)
+    tokens_per_step: float
+    top: list[OpTime]
+    regions: list[RegionTime]  # REGIONS in order, then "other"; the shares sum to 1
+    device_busy: float | None  # CUDA: GPU kernel time / step time (streams may overlap); None on the CPU
+    trace: Path  # Chrome trace JSON: open it in https://ui.perfetto.dev
+    json_path: Path  # profile.json: this report
+    setup: dict = field(default_factory=dict)  # what ran: kernels, precision, tokens per micro-batch, ...
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def region_shares(self) -> dict[str, float]:
+        return {r.name: r.share for r in self.regions}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["trace"], d["json_path"] = str(self.trace), str(self.json_path)
+        return d
+
+
+class _WindowDone(Exception):
+    """Raised from on_step after the last recorded step: the run ends there, with nothing saved."""
+
+
+def profile_run(cfg, steps: int = 5, warmup: int = 2, out_dir=None, top: int = 15) -> ProfileReport:
+    """Run `warmup` + `steps` optimizer steps of `cfg` (a RunConfig) under torch.profiler, record the last
+    `steps`, write `trace.json` and `profile.json` to `out_dir` (default `<output_dir>/profile`) and return
+    the report. The loop runs as `fasttune run` runs it, with its outputs in `<out_dir>/run`; evaluation,
+    checkpoints, samples and early stopping are off, and the run stops after the last recorded step."""
+    from fasttune.train import loop as train
+
+    if steps < 1 or warmup < 1:
+        raise FasttuneError(
+            f"profile: steps >= 1 and warmup >= 1 needed (got steps={steps}, warmup={warmup}): the first "
+            "step carries the set-up and one-time costs and is never recorded"
+        )
+    out = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.output_dir = str(out / "run")
+    last = warmup + steps
+    # One step more than recorded: the loop evaluates at its last step, which must not land in the window.
+    cfg.max_steps = last + 1
+    cfg.eval_every = cfg.save_every = cfg.max_steps + 1
+    cfg.early_stopping, cfg.samples, cfg.tensorboard = None, 0, False
+    device = train.resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    trace = out / "trace.json"
+    captured: dict = {}
+    records: list[dict] = []
+
+    def ready(prof) -> None:
+        prof.export_chrome_trace(str(trace))
+        captured["events"] = prof.events()
+
+    # Steps 1 .. warmup-1 run without the profiler, step `warmup` with it warming up (its data dropped),
+    # steps warmup+1 .. warmup+steps are recorded; ProfilerStep#k is the profiler's name for step k+1.
+    schedule = torch.profiler.schedule(wait=warmup - 1, warmup=1, active=steps, repeat=1)
+    marks.REGIONS_ON = True
+    try:
+        with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=ready) as prof:
+
+            def on_step(step: int, record: dict) -> None:
+                if cuda:
+                    torch.cuda.synchronize()  # the step's kernels end inside its ProfilerStep interval
+                if step > warmup:
+                    records.append(record)
+                prof.step()
+                if step >= last:
+                    raise _WindowDone
+
+            try:
+                train.run(cfg, on_step=on_step)
+            except _WindowDone:
+                pass
+    finally:
+        marks.REGIONS_ON = False
+    if "events" not in captured:
+        raise FasttuneError("profile: the run ended before any step was recorded")
+    warnings = []
+    if len(records) < steps:
+        warnings.append(f"the run stopped after {len(records)} of the {steps} steps to record")
+    result = analyze(captured["events"], device_time=cuda, top=top)
+    warnings += result.pop("warnings")
+    if cfg.compile and not result["regions"]["attention"][0]:
+        warnings.append(
+            "compile=true: torch.compile drops record_function inside compiled blocks, so attention, "
+            "mlp and norm are not marked (their time is in 'other')"
+        )
+    n = max(1, result["steps"])
+    total_ms = result["total_us"] / 1e3
+    regions = []
+    for name in (*REGIONS, "other"):
+        us, bwd_us = result["regions"][name]
+        regions.append(RegionTime(name, us / result["total_us"], us / 1e3 / n, bwd_us / 1e3 / n))
+    report = ProfileReport(
+        device=torch.cuda.get_device_name(device) if cuda else "cpu",
+        basis="GPU kernel time" if cuda else "CPU time",
+        steps=result["steps"],
+        warmup=warmup,
+        step_ms=total_ms / n,
+        tokens_per_step=sum(r["tokens"] for r in records) / max(1, len(records)),
+        top=[
+            OpTime(name, calls / n, us / 1e3 / n, us / result["total_us"])
+            for name, calls, us in result["top"]
+        ],
+        regions=regions,
+        device_busy=result["busy_us"] / result["total_us"] if cuda else None,
+        trace=trace,
+        json_path=out / "profile.json",
+        setup={
+            "kernels": cfg.kernels,
+            "precision": cfg.precision,
+            "method": cfg.method,
+            "micro_batch_tokens": cfg.micro_batch_tokens,
+            "tokens_per_step": cfg.tokens_per_step,
+            "compile": cfg.compile,
+            "activation_checkpointing": cfg.activation_checkpointing,
+            "model": cfg.model or "built-in tiny Qwen2",
+            "torch": torch.__version__,
+        },
+        warnings=warnings,
+    )
+    report.json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+class _Spans:
+    """Labelled time intervals per thread, reduced to the outermost ones (an interval that starts inside
+    an earlier kept one is dropped), with lookup of the interval holding a time."""
+
+    def __init__(self, items):
+        by_thread = defaultdict(list)
+        for thread, start, end, label in items:
+            by_thread[thread].append((start, end, label))
+        self.kept: dict[int, list] = {}
+        for thread, spans in by_thread.items():
+            spans.sort(key=lambda s: (s[0], -s[1]))
+            kept: list = []
+            for s in spans:
+                if not kept or s[0] >= kept[-1][1]:
+                    kept.append(s)
+            self.kept[thread] = kept
+        self.starts = {t: [s[0] for s in k] for t, k in self.kept.items()}
+
+    def find(self, thread, t):
+        starts = self.starts.get(thread)
+        if not starts:
+            return None
+        i = bisect.bisect_right(starts, t) - 1
+        if i >= 0 and t < self.kept[thread][i][1]:
+            return self.kept[thread][i][2]
+        return None
+
+    def __iter__(self):
+        for spans in self.kept.values():
+            yield from spans
+
+
+def _innermost(items):
+    """Labelled intervals (thread, start, end, label), nested on each thread, cut into disjoint pieces
+    each labelled with the innermost interval that holds it."""
+    by_thread = defaultdict(list)
+    for thread, start, end, label in items:
+        by_thread[thread].append((start, end, label))
+    pieces = []
+    for thread, spans in by_thread.items():
+        stack: list = []  # (end, label) of the open intervals, innermost last
+        cursor = 0.0
+        for start, end, label in sorted(spans, key=lambda s: (s[0], -s[1])):
+            while stack and stack[-1][0] <= start:
+                top_end, top = stack.pop()
+                if cursor < top_end:
+                    pieces.append((thread, cursor, top_end, top))
+                cursor = top_end
+            if stack:
+                end = min(end, stack[-1][0])  # nested: never past the enclosing interval
+                if cursor < start:
+                    pieces.append((thread, cursor, start, stack[-1][1]))
+            cursor = start
+            stack.append((end, label))
+        while stack:
+            top_end, top = stack.pop()
+            if cursor < top_end:
+                pieces.append((thread, cursor, top_end, top))
+            cursor = top_end
+    return pieces
+
+
+def analyze(events, device_time: bool = False, top: int = 15) -> dict:
+    """The numbers of a report from the profiler's events (`prof.events()`): the step time, the top ops and
+    the region times (microseconds), as the module docstring says. Raises if region markers nest."""
+    from torch.autograd import DeviceType
+
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    windows = sorted((e.time_range.start, e.time_range.end) for e in cpu if e.name.startswith("ProfilerStep"))
+    if not windows:
+        raise FasttuneError("profile: the trace has no ProfilerStep events")
+    total_us = sum(e - s for s, e in windows)
+
+    def clipped(s: float, e: float) -> float:
+        return sum(max(0.0, min(e, we) - max(s, ws)) for ws, we in windows)
+
+    marks = sorted(
+        (e for e in cpu if e.is_user_annotation and e.name.startswith(PREFIX)),
+        key=lambda e: (e.thread, e.time_range.start),
+    )
+    for a, b in zip(marks, marks[1:], strict=False):
+        if a.thread == b.thread and b.time_range.start < a.time_range.end:
+            raise RuntimeError(
+                f"profile: region {b.name} starts inside {a.name}; fasttune's regions must not nest "
+                "(a misplaced region() in the model or the loop)"
+            )
+    backward = [e for e in cpu if e.name.startswith(_BACKWARD)]
+    in_backward = _Spans((e.thread, e.time_range.start, e.time_range.end, True) for e in backward)
+    in_mark = _Spans((e.thread, e.time_range.start, e.time_range.end, e.name[len(PREFIX) :]) for e in marks)
+
+    # (forward thread, sequence number) -> the region of the op that made that autograd node: the last
+    # forward op to carry the number (ops that make no node only peek at the counter).
+    made_by: dict[tuple, tuple] = {}
+    for e in cpu:
+        if e.sequence_nr < 0 or in_backward.find(e.thread, e.time_range.start):
+            continue
+        key, start = (e.thread, e.sequence_nr), e.time_range.start
+        if key not in made_by or start >= made_by[key][0]:
+            made_by[key] = (start, in_mark.find(e.thread, start))
+    spans = [(e.thread, e.time_range.start, e.time_range.end, (e.name[len(PREFIX) :], False)) for e in marks]
+    for e in backward:
+        name = made_by.get((e.fwd_thread, e.sequence_nr), (0, None))[1] if e.sequence_nr >= 0 else None
+        if name is not None:
+            spans.append((e.thread, e.time_range.start, e.time_range.end, (name, True)))
+    counted = _Spans(_innermost(spans))
+
+    regions = {name: [0.0, 0.0] for name in (*REGIONS, "other")}  # [total us, of which backward]
+
+    def add(label, us: float) -> None:
+        name, is_backward = label
+        r = regions.setdefault(name, [0.0, 0.0])
+        r[0] += us
+        r[1] += us if is_backward else 0.0
+
+    busy_us = 0.0
+    ops: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    if device_time:
+        for e in cpu:
+            if e.is_async or not e.kernels:
+                continue
+            label = counted.find(e.thread, e.time_range.start)
+            if label is not None:
+                add(label, sum(k.duration for k in e.kernels))
+        for e in events:
+            if e.device_type != DeviceType.CPU and not e.is_user_annotation:
+                us = clipped(e.time_range.start, e.time_range.end)
+                busy_us += us
+                ops[e.name][0] += 1
+                ops[e.name][1] += us
+    else:
+        for s, e, label in counted:
+            add(label, clipped(s, e))
+        for e in cpu:
+            if e.is_user_annotation or e.name.startswith((_BACKWARD, "ProfilerStep")):
+                continue
+            ops[e.name][0] += 1
+            ops[e.name][1] += e.self_cpu_time_total
+    marked = sum(v[0] for k, v in regions.items() if k != "other")
+    regions["other"] = [max(0.0, total_us - marked), 0.0]
+    warnings = [f"no {PREFIX}{name} events in the trace" for name in REGIONS if not regions[name][0]]
+    if marked > total_us * 1.001:  # e.g. kernels of two streams at once on a GPU
+        warnings.append(f"the regions hold {marked / total_us:.1%} of the step: they overlap in time")
+    ranked = sorted(((name, c, us) for name, (c, us) in ops.items()), key=lambda x: -x[2])
+    return {
+        "steps": len(windows),
+        "total_us": total_us,
+        "regions": {k: tuple(v) for k, v in regions.items()},
+        "top": ranked[:top],
+        "busy_us": busy_us,
+        "warnings": warnings,
+    }
+
+
+def print_report(report: ProfileReport, file=None) -> None:
+    """The report as a table."""
+    file = file or sys.stdout
+    s = report.setup
+    tokens_s = report.tokens_per_step / (report.step_ms / 1e3) if report.step_ms else 0.0
+    print(
+        f"profiled {report.steps} step(s) after {report.warmup} warm-up step(s) on {report.device}: "
+        f"{s.get('method')}, {s.get('precision')}, kernels={s.get('kernels')}, "
+        f"{report.tokens_per_step:.0f} tokens per step",
+        file=file,
+    )
+    busy = f"; GPU kernels take {report.device_busy:.1%} of it" if report.device_busy is not None else ""
+    print(
+        f"step time {report.step_ms:.2f} ms under the profiler ({tokens_s:,.0f} tokens/s; the profiler "
+        f"adds overhead){busy}",
+        file=file,
+    )
+    print(f"trace: {report.trace} (open it in {PERFETTO}); numbers: {report.json_path}", file=file)
+    width = max([40] + [min(len(o.name), 72) for o in report.top])
+    what = "GPU kernels by time" if report.device_busy is not None else "ops by self CPU time"
+    print(f"\ntop {len(report.top)} {what:<{width - 6}} calls/step    ms/step   share", file=file)
+    for o in report.top:
+        name = o.name if len(o.name) <= 72 else o.name[:69] + "..."
+        print(f"  {name:<{width}} {o.calls_per_step:10.1f} {o.ms_per_step:10.3f} {o.share:7.1%}", file=file)
+    print(f"\nshare of the step ({report.basis}) {'ms/step':>17} {'backward':>10}   share", file=file)
+    for r in report.regions:
+        bwd = f"{r.backward_ms_per_step:10.3f}" if r.name != "other" else f"{'':10}"
+        print(f"  {r.name:<33} {r.ms_per_step:10.3f} {bwd} {r.share:7.1%}", file=file)
+    for w in report.warnings:
+        print(f"warning: {w}", file=file)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# profile_op: one op, Triton against its PyTorch reference
+
+OPS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear")
+# What a shape tuple of each op means, and the defaults: tiny on the CPU (Triton's interpreter runs a
+# program at a time in Python), Qwen2.5-0.5B's sizes at 4k, 16k and 32k tokens on a GPU.
+SHAPE_DIMS = {
+    "rms_norm": ("tokens", "H"),
+    "rope": ("tokens", "n_q", "n_kv", "hd"),
+    "swiglu": ("tokens", "I"),
+    "linear_cross_entropy": ("tokens", "H", "V"),
+    "lora_linear": ("tokens", "in", "out", "r"),
+}
+CPU_SHAPES = {
+    "rms_norm": [(16, 64), (64, 96)],
+    "rope": [(32, 6, 2, 16), (64, 6, 2, 16)],
+    "swiglu": [(16, 64), (64, 96)],
+    "linear_cross_entropy": [(16, 32, 500), (32, 32, 1000)],
+    "lora_linear": [(8, 48, 80, 16), (16, 48, 80, 16)],
+}
+_TOKENS = (4096, 16384, 32768)
+GPU_SHAPES = {
+    "rms_norm": [(t, 896) for t in _TOKENS],
+    "rope": [(t, 14, 2, 64) for t in _TOKENS],
+    "swiglu": [(t, 4864) for t in _TOKENS],
+    "linear_cross_entropy": [(t, 896, 151_936) for t in _TOKENS],
+    "lora_linear": [(t, 896, 4864, 16) for t in _TOKENS],
+}
+INTERPRETER_NOTE = (
+    "CPU: the Triton op ran in Triton's interpreter (Python, one program at a time) and the reference in "
+    "PyTorch on the CPU; these times check that the op runs and say nothing about its speed on a GPU"
+)
+
+
+def _check_op(name: str) -> None:
+    if name not in OPS:
+        close = difflib.get_close_matches(name, OPS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise FasttuneError(f"profile --op: unknown op '{name}'{hint} (ops: {', '.join(OPS)})")
+
+
+def _load_op(name: str, device: torch.device):
+    """The op's module, with Triton's interpreter chosen first when the op is to run on the CPU."""
+    import importlib
+
+    module_name = f"fasttune.ops.{name}"
+    if device.type == "cpu" and module_name not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    module = importlib.import_module(module_name)
+    if device.type == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not any(isinstance(v, InterpretedFunction) for v in vars(module).values()):
+            raise FasttuneError(
+                f"profile --op {name} on the CPU needs Triton's interpreter, but this process loaded the "
+                "kernels for a GPU: set TRITON_INTERPRET=1 before anything imports fasttune.ops"
+            )
+    return module
+
+
+def _inputs(name: str, shape: tuple, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    """(triton_fn, torch_fn, inputs, note) for one shape; inputs to differentiate require grad."""
+    mod = sys.modules[f"fasttune.ops.{name}"]
+
+    def randn(*size, dt=dtype, scale=1.0, grad=True):
+        t = (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dt)
+        return t.requires_grad_(grad)
+
+    note = ""
+    if name == "rms_norm":
+        T, H = shape
+        inputs = [randn(T, H), (1 + 0.2 * torch.randn(H, generator=gen)).to(device, dtype).requires_grad_()]
+        fns = (lambda x, w: mod.rms_norm(x, w, 1e-6), lambda x, w: mod.rms_norm_ref(x, w, 1e-6))
+    elif name == "rope":
+        T, n_q, n_kv, hd = shape
+        positions = (torch.arange(T) % 58)[None].to(device)  # packed documents of 58 tokens
+        inv_freq = (1.0 / 1e6 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)).to(device)
+        inputs = [randn(1, T, n_q, hd), randn(1, T, n_kv, hd), positions, inv_freq]
+        # The op rotates in place, which autograd refuses on leaves: it gets clones (timed with it).
+        fns = (lambda q, k, p, f: mod.rope(q.clone(), k.clone(), p, f), mod.rope_ref)
+        note = "the Triton time includes cloning q and k (the op works in place)"
+    elif name == "swiglu":
+        T, I = shape
+        inputs = [randn(T, I), randn(T, I)]
+        fns = (mod.swiglu, mod.swiglu_ref)
+    elif name == "linear_cross_entropy":
+        T, H, V = shape
+        targets = torch.randint(0, V, (T,), generator=gen)
+        targets[torch.rand(T, generator=gen) < 0.1] = -100
+        inputs = [randn(T, H), randn(V, H, scale=3 * H**-0.5), targets.to(device)]
+        fns = (
+            lambda h, w, t: mod.linear_cross_entropy(h, w, t)[0],
+            lambda h, w, t: mod.linear_cross_entropy_ref(h, w, t)[0],
+        )
+    else:
+        T, d_in, d_out, r = shape
+        weight = randn(d_out, d_in, scale=d_in**-0.5, grad=False)
+        a = randn(r, d_in, dt=torch.float32, scale=d_in**-0.5)
+        b = randn(d_out, r, dt=torch.float32, scale=r**-0.5)
+        inputs = [randn(T, d_in), weight, a, b]
+        fns = (
+            lambda x, w, a, b: mod.lora_linear(x, w, None, a, b, 2.0),
+            lambda x, w, a, b: mod.lora_linear_ref(x, w, None, a, b, 2.0),
+        )
+    return fns[0], fns[1], inputs, note
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    outs = out if isinstance(out, tuple | list) else [out]
+    return [o for o in outs if torch.is_tensor(o) and o.requires_grad]
+
+
+def _time(fn, inputs: list[torch.Tensor], cuda: bool, reps: int) -> tuple[float, float]:
+    """Median (forward ms, forward + backward ms)."""
+    leaves = [t for t in inputs if t.requires_grad]
+    grads = [torch.randn_like(o) for o in _outputs(fn(*inputs))]
+
+    def forward():
+        fn(*inputs)
+
+    def both():
+        torch.autograd.backward(_outputs(fn(*inputs)), grads)
+
+    both()  # compiles the kernels (a GPU) or warms the interpreter's caches
+    if cuda:
+        from triton.testing import do_bench
+
+        fwd = do_bench(forward, grad_to_none=leaves, return_mode="median")
+        return fwd, do_bench(both, grad_to_none=leaves, return_mode="median")
+    times: dict[str, list[float]] = {"forward": [], "both": []}
+    for _ in range(reps):
+        for key, f in (("forward", forward), ("both", both)):
+            for t in leaves:
+                t.grad = None
+            t0 = time.perf_counter()
+            f()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times["forward"]), statistics.median(times["both"])
+
+
+def profile_op(name: str, shapes=None, dtype=None, device=None, reps: int = 5) -> list[dict]:
+    """Forward and forward + backward median milliseconds of the Triton op `name` and of its PyTorch
+    reference at each shape (a tuple per SHAPE_DIMS[name]; default CPU_SHAPES or GPU_SHAPES). On CUDA the
+    medians come from `triton.testing.do_bench`; on the CPU from `reps` runs timed with perf_counter, the
+    Triton op through the interpreter (see INTERPRETER_NOTE). One dict per (shape, implementation)."""
+    _check_op(name)
+    from fasttune.models.weights import parse_dtype
+
+    cuda_ok = torch.cuda.is_available()
+    try:
+        device = torch.device(device if device is not None else ("cuda" if cuda_ok else "cpu"))
+    except RuntimeError:
+        raise FasttuneError(f"profile --op: unknown device {device!r}; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not cuda_ok):
+        raise FasttuneError(
+            f"profile --op: no {device} device here; use cpu" + (" or cuda" if cuda_ok else "")
+        )
+    cuda = device.type == "cuda"
+    try:
+        dtype = parse_dtype(dtype, "profile --op dtype") or (torch.bfloat16 if cuda else torch.float32)
+    except ValueError as e:
+        raise FasttuneError(str(e)) from None
+    dims = SHAPE_DIMS[name]
+    shapes = [tuple(int(d) for d in s) for s in (shapes or (GPU_SHAPES if cuda else CPU_SHAPES)[name])]
+    for s in shapes:
+        if len(s) != len(dims) or min(s) < 1:
+            raise FasttuneError(
+                f"profile --op {name}: a shape is {' x '.join(dims)} (positive), got {'x'.join(map(str, s))}"
+            )
+    if reps < 1:
+        raise FasttuneError(f"profile --op: reps must be >= 1, got {reps}")
+    _load_op(name, device)
+    gen = torch.Generator().manual_seed(0)
+    timer = "triton.testing.do_bench median" if cuda else f"perf_counter median of {reps}"
+    rows = []
+    for shape in shapes:
+        triton_fn, torch_fn, inputs, note = _inputs(name, shape, dtype, device, gen)
+        pair = {}
+        for impl, fn in (("triton", triton_fn), ("torch", torch_fn)):
+            row = {
+                "op": name,
+                "shape": "x".join(map(str, shape)),
+                "dims": " x ".join(dims),
+                "impl": impl,
+                "dtype": str(dtype).removeprefix("torch."),
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "interpreter": impl == "triton" and not cuda,
+                "timer": timer,
+                "forward_ms": None,
+                "forward_backward_ms": None,
+            }
+            if note and impl == "triton":
+                row["note"] = note
+            try:
+                row["forward_ms"], row["forward_backward_ms"] = _time(fn, inputs, cuda, reps)
+            except torch.cuda.OutOfMemoryError as e:  # e.g. the reference's [T, V] logits on a small GPU
+                row["error"] = f"out of memory: {str(e).splitlines()[0][:160]}"
+                torch.cuda.empty_cache()
+            pair[impl] = row
+            rows.append(row)
+        t, r = pair["triton"]["forward_backward_ms"], pair["torch"]["forward_backward_ms"]
+        if cuda and t and r:
+            pair["triton"]["speedup_vs_torch"] = round(r / t, 3)
+    return rows
+
+
+def print_op_table(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
+    if not rows:
+        return
+    first = rows[0]
+    where = " (the Triton op through its interpreter)" if any(r["interpreter"] for r in rows) else ""
+    print(
+        f"{first['op']} ({first['dims']}), {first['dtype']} on {first['device']}{where}, {first['timer']}",
+        file=file,
+    )
+    width = max(len(r["shape"]) for r in rows) + 2
+    print(f"  {'shape':<{width}}{'impl':<8}{'forward ms':>12}{'fwd+bwd ms':>12}", file=file)
+    for r in rows:
+        f, b = r["forward_ms"], r["forward_backward_ms"]
+        cells = f"{f:12.3f}{b:12.3f}" if f is not None else f"  {r.get('error', 'failed')}"
+        extra = f"   {r['speedup_vs_torch']:.2f}x faster than torch" if r.get("speedup_vs_torch") else ""
+        print(f"  {r['shape']:<{width}}{r['impl']:<8}{cells}{extra}", file=file)
+    notes = {r["note"] for r in rows if r.get("note")}
+    if any(r["interpreter"] for r in rows):
+        notes.add(INTERPRETER_NOTE)
+    for n in sorted(notes):
+        print(f"note: {n}", file=file)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command: `fasttune profile [config.yaml] [key=value ...]` and `fasttune profile --op NAME`
+
+
+def add_subparser(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="training steps under torch.profiler (a Perfetto trace, the top ops, the shares of the step), "
+        "or one op across shapes with --op",
+    )
+    p.add_argument("config", nargs="?", help="a YAML config, as for `run` (default: the built-in tiny run)")
+    p.add_argument("overrides", nargs="*", help="key=value or ~key, as for `run`")
+    p.add_argument("--steps", type=int, default=5, help="steps to record (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="steps run first, unrecorded (default: %(default)s)")
+    p.add_argument("--top", type=int, default=15, help="ops to list (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/profile)")
+    p.add_argument("--op", metavar="NAME", help=f"time one op instead: {', '.join(OPS)}")
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="AxB...",
+        help="with --op: a shape, e.g. 4096x896 for rms_norm (repeatable; default: a set for the device)",
+    )
+    p.add_argument(
+        "--dtype", help="with --op: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 CPU)"
+    )
+    p.add_argument("--device", help="with --op: cpu or cuda (default: cuda when available)")
+    p.add_argument("--reps", type=int, default=5, help="with --op on the CPU: timed runs (default: 5)")
+
+
+def command(args) -> int:
+    logger = logging.getLogger("fasttune")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # say what runs (kernels, attention, AdamW), as `run` does
+    try:
+        return _command(args)
+    finally:
+        logger.setLevel(level)
+
+
+def _command(args) -> int:
+    if args.op is not None:
+        if args.config is not None or args.overrides:
+            raise FasttuneError("profile --op times one op: it takes no config or overrides")
+        shapes = None
+        if args.shape:
+            try:
+                shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shape]
+            except ValueError:
+                raise FasttuneError(
+                    f"--shape: expected sizes joined by x, e.g. 4096x896; got {args.shape}"
+                ) from None
+        _check_op(args.op)
+        from fasttune.profiling.interpreter import interpreter_for_cpu
+
+        rerun = interpreter_for_cpu(args)
+        if rerun is not None:
+            return rerun
+        rows = profile_op(args.op, shapes, args.dtype, args.device, args.reps)
+        print_op_table(rows)
+        return 0
+    from fasttune.train.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `fasttune profile key=value ...` with no file
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    report = profile_run(cfg, steps=args.steps, warmup=args.warmup, out_dir=args.out, top=args.top)
+    print()
+    print_report(report)
+    return 0
+
+
+__all__ = [
+    "OPS",
+    "REGIONS",
+    "ProfileReport",
+    "analyze",
+    "print_op_table",
+    "print_report",
+    "profile_op",
+    "profile_run",
+]
