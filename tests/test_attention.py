@@ -53,19 +53,29 @@ def test_unpacked_batch_is_plain_causal():
 
 
 def test_backend_choice_is_logged_and_forcing_flash_where_it_cannot_run_fails(caplog):
-    try:
-        attn.set_attention_backend("auto")
-        with caplog.at_level(logging.INFO, logger="fasttune"):
-            assert attn.attention_backend(torch.device("cpu"), torch.float32) == "sdpa"
-        assert "attention backend for cpu/float32: sdpa (reference path" in caplog.text
-        assert "flash unavailable: flash-attn needs CUDA tensors" in caplog.text
-        attn.set_attention_backend("flash")
-        with pytest.raises(RuntimeError, match="'flash' was requested but cannot run: flash-attn needs CUDA"):
-            attn.attention_backend(torch.device("cpu"), torch.float32)
-        with pytest.raises(ValueError, match="not one of"):
-            attn.set_attention_backend("xformers")
-    finally:
-        attn.set_attention_backend("auto")
+    model = torch.nn.Linear(2, 2)  # any module: the backend is set on its attention layers (none here)
+    with caplog.at_level(logging.INFO, logger="fasttune"):
+        assert attn.set_attention_backend(model, "auto", torch.device("cpu"), torch.float32) == "sdpa"
+    assert "attention backend for cpu/float32: sdpa (reference path" in caplog.text
+    assert "flash unavailable: flash-attn needs CUDA tensors" in caplog.text
+    assert model.attention_backend == "auto"
+    with pytest.raises(RuntimeError, match="'flash' was requested but cannot run: flash-attn needs CUDA"):
+        attn.set_attention_backend(model, "flash", torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="'flash' was requested but cannot run: flash-attn needs CUDA"):
+        attn.attention(*(torch.zeros(1, 3, 2, 4) for _ in range(3)), backend="flash")
+    with pytest.raises(ValueError, match="not one of"):
+        attn.set_attention_backend(model, "xformers")
+
+
+def test_the_backend_belongs_to_the_model_not_the_process():
+    # Two models in one process keep their own backends (the old process-global setting leaked).
+    from fasttune.models.model import Attention, CausalLM, ModelConfig
+
+    a, b = (CausalLM(ModelConfig("qwen2", 32, 16, 24, 1, 2, 1, 8)) for _ in range(2))
+    attn.set_attention_backend(a, "sdpa")
+    attn.set_attention_backend(b, "auto")
+    assert {m.backend for m in a.modules() if isinstance(m, Attention)} == {"sdpa"}
+    assert {m.backend for m in b.modules() if isinstance(m, Attention)} == {"auto"}
 
 
 @pytest.mark.gpu
@@ -76,10 +86,6 @@ def test_flash_varlen_matches_reference_on_gpu():
     cu = torch.tensor([0, 58, 116, 200, 1000], dtype=torch.int32, device="cuda")
     q = torch.randn(1, 1000, 14, 64, device="cuda", generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1000, 2, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    try:
-        attn.set_attention_backend("flash")
-        out = attn.attention(q, k, v, cu, max_seqlen=800, scale=0.125)
-    finally:
-        attn.set_attention_backend("auto")
+    out = attn.attention(q, k, v, cu, max_seqlen=800, scale=0.125, backend="flash")
     expected = naive(q.cpu(), k.cpu(), v.cpu(), cu.cpu())
     assert (out.cpu().double() - expected).abs().max() < 2e-2

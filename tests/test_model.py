@@ -6,6 +6,7 @@ import torch
 
 import fasttune
 from conftest import FAMILIES, hf_model, write_checkpoint
+from fasttune.models.kernels import apply_kernels
 from fasttune.models.model import ModelConfig, default_position_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -185,7 +186,7 @@ def test_triton_kernels_match_the_references_in_the_whole_model(tmp_path, family
             for m in model.modules():
                 if hasattr(m, "lora_B"):
                     torch.nn.init.normal_(m.lora_B.weight, std=0.1)
-            model.set_kernels(name)
+            apply_kernels(model, name)
         assert all(m.kernels == name for m in model.modules() if hasattr(m, "kernels"))
         logits = model.logits(ids, pos, cu)
         loss = model.loss(ids, targets, pos, cu)

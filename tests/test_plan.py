@@ -12,6 +12,7 @@ import torch
 
 from conftest import FAMILIES  # noqa: F401  (conftest sets up Triton's interpreter first)
 from fasttune.cli.main import main
+from fasttune.models.kernels import apply_kernels
 from fasttune.models.lora import LoraConfig, apply_lora
 from fasttune.models.model import CausalLM, ModelConfig
 from fasttune.models.qlora import NF4_BYTES_PER_WEIGHT
@@ -98,7 +99,7 @@ def _model(o: Options, layers: int, qk_norm: bool, tmp_path):
         model = model.to(torch.bfloat16)
     if o.method == "lora":
         apply_lora(model, o.lora)
-    model.set_kernels(o.kernels, torch.device("cpu"))
+    apply_kernels(model, o.kernels, torch.device("cpu"))
     return model
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fasttune.profiling.profile as prof
-from fasttune import regions
+from fasttune import regions as marks
 from fasttune.cli.main import main
 from fasttune.errors import FasttuneError
 from fasttune.train import loop as train
@@ -66,7 +66,7 @@ def test_region_shares_cover_the_step(profiled):
     report, _ = profiled
     assert report.steps == 3 and report.warmup == 2 and report.basis == "CPU time"
     shares = report.region_shares
-    assert list(shares) == [*regions.REGIONS, "other"]
+    assert list(shares) == [*marks.REGIONS, "other"]
     assert all(0 <= s <= 1 for s in shares.values()), shares
     assert math.isclose(sum(shares.values()), 1.0, abs_tol=1e-9)
     for name in MARKED:
@@ -111,8 +111,8 @@ def test_print_report_is_a_table(profiled, capsys):
 
 
 def test_regions_are_off_outside_profiling(setup, profiled, tmp_path, monkeypatch):
-    assert regions.REGIONS_ON is False
-    assert isinstance(regions.region("attention"), contextlib.nullcontext)
+    assert marks.REGIONS_ON is False
+    assert isinstance(marks.region("attention"), contextlib.nullcontext)
     model = train.load_model(setup / "model", dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
@@ -120,25 +120,25 @@ def test_regions_are_off_outside_profiling(setup, profiled, tmp_path, monkeypatc
     assert not [e.name for e in p.events() if e.name.startswith("fasttune.")]
 
     def boom(cfg, on_step=None):  # a run that fails: the switch is still put back
-        assert regions.REGIONS_ON is True
+        assert marks.REGIONS_ON is True
         raise RuntimeError("boom")
 
     monkeypatch.setattr(train, "run", boom)
     cfg = load_config(None, overrides(setup, tmp_path))
     with pytest.raises(RuntimeError, match="boom"):
         prof.profile_run(cfg, steps=1, warmup=1, out_dir=tmp_path)
-    assert regions.REGIONS_ON is False
+    assert marks.REGIONS_ON is False
 
 
 def _profile_toy(body):
     """Run `body` once as a recorded ProfilerStep with the regions on; the profiler's events."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
-        old, regions.REGIONS_ON = regions.REGIONS_ON, True
+        old, marks.REGIONS_ON = marks.REGIONS_ON, True
         try:
             with torch.profiler.record_function("ProfilerStep#0"):
                 body()
         finally:
-            regions.REGIONS_ON = old
+            marks.REGIONS_ON = old
     return p.events()
 
 
@@ -147,10 +147,10 @@ def test_backward_is_attributed_by_autograd_sequence_number():
     x = torch.randn(32, 64)
 
     def body():
-        with regions.region("mlp"):
+        with marks.region("mlp"):
             y = torch.relu(lin(x))
         scaled = y * 2.0  # unmarked: its backward is "other"
-        with regions.region("head_loss"):
+        with marks.region("head_loss"):
             loss = scaled.square().mean()
         loss.backward()
 
@@ -180,14 +180,14 @@ def test_recomputed_regions_are_not_counted_twice():
     x = torch.randn(32, 64, requires_grad=True)
 
     def block(x):
-        with regions.region("attention"):
+        with marks.region("attention"):
             a = lin1(x)
-        with regions.region("mlp"):
+        with marks.region("mlp"):
             return a + torch.relu(lin2(a))
 
     def body():
         y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        with regions.region("head_loss"):
+        with marks.region("head_loss"):
             loss = y.square().mean()
         loss.backward()
 
@@ -201,7 +201,7 @@ def test_recomputed_regions_are_not_counted_twice():
 
 def test_nested_regions_are_refused():
     def body():
-        with regions.region("mlp"), regions.region("norm"):
+        with marks.region("mlp"), marks.region("norm"):
             torch.ones(3).sum()
 
     with pytest.raises(RuntimeError, match="fasttune.norm starts inside fasttune.mlp"):

@@ -22,3 +22,38 @@ def region(name: str):
     import torch  # only while profiling, when torch is long loaded
 
     return torch.profiler.record_function(PREFIX + name)
+
+
+# Where the regions are, by the last part of a module's name (the Hugging Face names the model keeps): a
+# region is the module's forward, wrapped from outside, so the model's code names no region. Qwen3's
+# q_norm/k_norm are not marked: they run inside `self_attn`, and regions never nest.
+MARKS = {
+    "embed_tokens": "embedding",
+    "self_attn": "attention",
+    "input_layernorm": "norm",
+    "post_attention_layernorm": "norm",
+    "norm": "norm",  # the decoder's final norm (`model.norm`)
+    "mlp": "mlp",
+    "loss_head": "head_loss",
+}
+
+
+def mark_regions(model) -> list[str]:
+    """Wrap the forward of each module that MARKS names in its region (for `fasttune profile`; the loop
+    does it before compile and FSDP, so they see the wrapped forwards). Returns the marked module names."""
+    marked = []
+    for path, module in model.named_modules():
+        name = MARKS.get(path.rpartition(".")[2])
+        if name is None or "forward" in vars(module):  # already marked
+            continue
+        module.forward = _in_region(module.forward, name)
+        marked.append(path)
+    return marked
+
+
+def _in_region(forward, name: str):
+    def marked(*args, **kwargs):
+        with region(name):
+            return forward(*args, **kwargs)
+
+    return marked

@@ -324,7 +324,7 @@ def test_rope_ref_is_the_models_rope_bit_for_bit(dtype):
     # ops/ sit below the model, so rope_ref writes the model's math out again: the two must not drift.
     from fasttune.models.model import apply_rope, rope_cos_sin
 
-    cfg = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig("qwen2", 32, 64, 96, 1, 4, 2, 16)
     inv_freq = rope_inv_freq(cfg)
     q = torch.randn(2, 9, 4, 16, dtype=dtype)
     k = torch.randn(2, 9, 2, 16, dtype=dtype)

@@ -1,16 +1,19 @@
 """Causal attention over packed (variable-length) sequences.
 
-One public function, `attention(q, k, v, cu_seqlens, ...)`, and a backend chosen once per device type and
-dtype, logged when chosen:
+One public function, `attention(q, k, v, cu_seqlens, ..., backend=...)`, with the backend a property of the
+model (each `Attention` module's `backend`), set once per run by `set_attention_backend(model, name)` from
+the run's `attention` key, and logged there:
 
 * `flash`: flash-attn's varlen kernel (CUDA, fp16/bf16, when the optional `flash-attn` package is
   installed). Packed sequences cost nothing extra: cu_seqlens goes straight to the kernel.
 * `sdpa`: the reference, any device and dtype. `torch.nn.functional.scaled_dot_product_attention` with
   `is_causal=True`, run once per packed sequence so that no token attends across a boundary. The loop
   reads cu_seqlens on the host (one sync per call): correct everywhere, fast only for few sequences.
+* `auto`: flash where it can run (CUDA, fp16/bf16, installed), sdpa elsewhere, decided per device type
+  and dtype (a bf16-trained model evaluated in fp32 takes sdpa) and logged at the first call of each.
 
-`set_attention_backend("sdpa" | "flash" | "auto")` forces a choice; asking for `flash` where it cannot
-run is an error, never a silent fallback.
+Asking for `flash` where it cannot run is an error, at `set_attention_backend` for the run's device and
+dtype and again at a call on other tensors: never a silent fallback.
 """
 
 from __future__ import annotations
@@ -20,19 +23,59 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from fasttune.choices import ATTENTION
+
 log = logging.getLogger("fasttune")
 
-BACKENDS = ("auto", "sdpa", "flash")
-_requested = "auto"
-_chosen: dict[tuple[str, torch.dtype], str] = {}
+BACKENDS = ATTENTION
+# (requested, device type, dtype) -> the backend that runs: a memo of a pure decision, so that a forward
+# pays one dict read (torch.compile guards on it) and each decision is logged once.
+_decided: dict[tuple[str, str, torch.dtype], str] = {}
 
 
-def set_attention_backend(name: str) -> None:
+def set_attention_backend(model, name: str = "auto", device=None, dtype=None) -> str:
+    """Set the attention backend of every attention layer of `model`; returns (and logs) what runs for
+    tensors on `device` of `dtype` (default: the model's parameters'); raises if `name` cannot run there."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
-    global _requested
-    _requested = name
-    _chosen.clear()
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    runs, why = _decide(name, device, dtype)
+    _log(device, dtype, runs, why)
+    _decided[(name, device.type, dtype)] = runs
+    for m in model.modules():
+        if hasattr(type(m), "backend"):  # the model's Attention modules (and their fused twins)
+            m.backend = name
+    model.attention_backend = name
+    return runs
+
+
+def decide_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs for `requested` on tensors of `device` and `dtype`; logged the first time."""
+    key = (requested, device.type, dtype)
+    if key not in _decided:
+        runs, why = _decide(requested, device, dtype)
+        _log(device, dtype, runs, why)
+        _decided[key] = runs
+    return _decided[key]
+
+
+def _decide(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    if requested not in BACKENDS:
+        raise ValueError(f"attention backend {requested!r} is not one of {BACKENDS}")
+    reason = _flash_unavailable_reason(device, dtype)
+    if requested == "flash" and reason:
+        raise RuntimeError(f"attention backend 'flash' was requested but cannot run: {reason}")
+    if requested == "sdpa":
+        return "sdpa", "requested"
+    if reason is None:
+        return "flash", "flash-attn varlen kernel"
+    return "sdpa", f"reference path, one SDPA call per sequence; flash unavailable: {reason}"
+
+
+def _log(device: torch.device, dtype: torch.dtype, name: str, why: str) -> None:
+    log.info("attention backend for %s/%s: %s (%s)", device.type, str(dtype).replace("torch.", ""), name, why)
 
 
 def _flash_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -47,34 +90,14 @@ def _flash_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
     return None
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend used for tensors on `device` of `dtype`; chosen and logged at the first call."""
-    key = (device.type, dtype)
-    if key in _chosen:
-        return _chosen[key]
-    reason = _flash_unavailable_reason(device, dtype)
-    if _requested == "flash" and reason:
-        raise RuntimeError(f"attention backend 'flash' was requested but cannot run: {reason}")
-    if _requested == "sdpa":
-        name, why = "sdpa", "requested"
-    elif reason is None:
-        name, why = "flash", "flash-attn varlen kernel"
-    else:
-        name, why = "sdpa", f"reference path, one SDPA call per sequence; flash unavailable: {reason}"
-    log.info("attention backend for %s/%s: %s (%s)", device.type, str(dtype).replace("torch.", ""), name, why)
-    _chosen[key] = name
-    return name
-
-
-def attention(q, k, v, cu_seqlens=None, max_seqlen=None, scale=None, sliding_window=None):
+def attention(q, k, v, cu_seqlens=None, max_seqlen=None, scale=None, sliding_window=None, backend="sdpa"):
     """Causal attention. q [B, T, n_q, hd]; k, v [B, T, n_kv, hd] with n_q a multiple of n_kv (GQA).
 
     With `cu_seqlens` (int32 [N+1], B = 1) each of the N packed sequences attends only within itself.
     `sliding_window` W lets a query see the W most recent keys (itself included), as Mistral does.
-    Returns [B, T, n_q, hd].
+    `backend`: "sdpa", "flash" or "auto" (see the module's docstring). Returns [B, T, n_q, hd].
     """
-    backend = attention_backend(q.device, q.dtype)
-    if backend == "flash":
+    if decide_backend(backend, q.device, q.dtype) == "flash":
         return _flash(q, k, v, cu_seqlens, max_seqlen, scale, sliding_window)
     return attention_ref(q, k, v, cu_seqlens, scale, sliding_window)
 

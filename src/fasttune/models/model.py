@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttune.errors import ConfigError
-from fasttune.models.attention import attention, attention_backend
+from fasttune.models.attention import attention
 from fasttune.models.chunked_loss import chunked_cross_entropy
-from fasttune.ops import choose_kernels
-from fasttune.regions import region
 
 log = logging.getLogger("fasttune")
 
@@ -231,33 +229,30 @@ def _rope_parameters(d: dict[str, Any], source: str) -> tuple[float, dict[str, A
 # Building blocks
 
 
-def _triton():
-    """The fused Triton ops, imported on first use so that `import fasttune` never needs triton."""
-    from fasttune.ops import linear_cross_entropy, rms_norm, rope, swiglu
-
-    return _TritonOps(rms_norm.rms_norm, rope.rope, swiglu.swiglu, linear_cross_entropy.linear_cross_entropy)
-
-
-@dataclass(frozen=True)
-class _TritonOps:
-    rms_norm: object
-    rope: object
-    swiglu: object
-    linear_cross_entropy: object
+# Each class below records the ops it runs in `kernels`; models/kernels.py swaps a module for its fused twin
+# (same parameters, same names) and back, so this file is only the PyTorch math.
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight multiply."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the weight multiply.
+
+    With `residual`, the residual add comes first and both results are returned: (norm(x + residual),
+    x + residual), the pair a decoder layer needs, which a fused kernel makes in one pass over [T, H]."""
+
+    kernels = "torch"
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.kernels = "torch"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels == "triton":
-            return _triton().rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = residual + x
+            return self.normalize(x), x
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -304,6 +299,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    kernels = "torch"
+    backend = "sdpa"  # of attention(): set per model by models/attention.py's set_attention_backend
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_q, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -317,10 +315,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.sliding_window = cfg.sliding_window
-        self.kernels = "torch"
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
-        """rope: (cos, sin) tables for the PyTorch path, (position_ids, inv_freq) for the Triton one.
+        """rope: what the decoder's `rope_inputs` made ((cos, sin) tables here).
         cache: this layer's slot of a KV cache (`fasttune.eval.generation.KVCache`), or None when training."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_q, self.hd)
@@ -328,10 +325,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.kernels == "triton":
-            q, k = _triton().rope(q, k, *rope)  # in place, angles computed in the kernel
-        else:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.rotate(q, k, rope)
         if cache is not None:  # generation: the cache stores k, v and attends to everything cached so far
             o = cache.attend(q, k, v, scale=self.hd**-0.5)
             return self.o_proj(o.reshape(B, T, self.n_q * self.hd))
@@ -343,8 +337,13 @@ class Attention(nn.Module):
             max_seqlen=max_seqlen,
             scale=self.hd**-0.5,
             sliding_window=self.sliding_window,
+            backend=self.backend,
         )
         return self.o_proj(o.reshape(B, T, self.n_q * self.hd))
+
+    def rotate(self, q, k, rope):
+        cos, sin = rope
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 class MLP(nn.Module):
@@ -356,11 +355,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(H, I, bias=bias)
         self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
-        self.kernels = "torch"
+
+    kernels = "torch"
 
     def forward(self, x):
-        if self.kernels == "triton":
-            return self.down_proj(_triton().swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -373,23 +371,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, cu_seqlens=None, max_seqlen=None, cache=None):
-        with region("norm"):  # regions: named in `fasttune profile` traces, no-ops otherwise
-            h = self.input_layernorm(x)
-        with region("attention"):
-            a = self.self_attn(h, rope, cu_seqlens, max_seqlen, cache)
-        norm = self.post_attention_layernorm
-        with region("norm"):
-            if norm.kernels == "triton":  # the residual add fused into the norm: one pass over [T, H]
-                h, x = _triton().rms_norm(a, norm.weight, norm.eps, residual=x)
-            else:
-                x = x + a
-                h = norm(x)
-        with region("mlp"):
-            return x + self.mlp(h)
+        a = self.self_attn(self.input_layernorm(x), rope, cu_seqlens, max_seqlen, cache)
+        h, x = self.post_attention_layernorm(a, residual=x)  # x + a, and its norm
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):
     """Embedding, the layers and the final norm: `model.*` in a Hugging Face checkpoint."""
+
+    kernels = "torch"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -408,19 +398,17 @@ class Decoder(nn.Module):
         return self
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, cache=None):
-        with region("embedding"):
-            x = self.embed_tokens(input_ids)
-        attention_backend(x.device, x.dtype)  # choose (and log) it here, outside any compiled block
+        x = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cu_seqlens)
-        if self.norm.kernels == "triton":
-            rope = (position_ids, self.inv_freq)
-        else:
-            rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        rope = self.rope_inputs(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cu_seqlens, max_seqlen, None if cache is None else cache.layers[i])
-        with region("norm"):
-            return self.norm(x)
+        return self.norm(x)
+
+    def rope_inputs(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """What every layer's `rotate` takes: the cos and sin tables [B, T, hd], made once per forward."""
+        return rope_cos_sin(self.inv_freq, position_ids, dtype)
 
 
 def default_position_ids(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -471,6 +459,19 @@ def packed_from_position_ids(
 # The causal LM: decoder + head. The head is separate from the decoder so that a fused loss can own it.
 
 
+class LossHead(nn.Module):
+    """Mean cross-entropy over the targets that are not -100 of hidden states [B, T, H] through the
+    head's weight [V, H], a chunk of tokens at a time: the [T, V] fp32 log-probabilities and their
+    gradients are never whole (chunked_loss.py); for 16k tokens of Qwen2.5's 151,936-token vocabulary
+    they would be 9.3 GiB.
+    No parameters: the weight is `lm_head.weight`, passed in, so that checkpoints keep their names."""
+
+    kernels = "torch"
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(hidden, weight, targets)
+
+
 class CausalLM(nn.Module):
     """`forward` returns hidden states [B, T, H]; `logits` and `loss` apply the head."""
 
@@ -479,19 +480,9 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.loss_head = LossHead()
         self.tie_weights()
-        self.kernels = "torch"
-
-    def set_kernels(self, requested: str = "auto", device: torch.device | None = None) -> str:
-        """Choose the ops for this model: "triton" (the fused kernels in fasttune.ops), "torch" (the
-        references in this file), or "auto" (Triton on CUDA, the references elsewhere). Logged."""
-        device = device or self.lm_head.weight.device
-        name, why = choose_kernels(requested, device)
-        for module in self.modules():
-            if hasattr(module, "kernels"):
-                module.kernels = name
-        log.info("kernels: %s (%s)", name, why)
-        return name
+        self.kernels = "torch"  # the ops this model runs: models/kernels.py's apply_kernels sets it
 
     def tie_weights(self) -> None:
         """A tied head shares the embedding's Parameter, so both gradients land in one tensor."""
@@ -542,24 +533,13 @@ class CausalLM(nn.Module):
         the token that follows input_ids[t], so a packed row carries -100 at each sequence's last token.
         Restarting position ids without cu_seqlens are packed sequences, as in `logits`.
 
-        kernels="triton": the fused chunked op (ops/linear_cross_entropy.py); "torch": the same chunking in
-        PyTorch (chunked_loss.py). Neither materialises the [T, V] logits, which for 16k tokens of Qwen2.5's
-        151,936-token vocabulary would take 9.3 GiB in fp32."""
+        The head and the loss are `loss_head`'s: chunked, so the [T, V] logits are never whole."""
         if targets.shape != input_ids.shape:
             raise ValueError(
                 f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
             )
         hidden = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
-        with region("head_loss"):
-            if self.kernels == "triton":  # chunked: the [T, V] logits are never materialised
-                weight = self.lm_head.weight
-                if torch.is_autocast_enabled(hidden.device.type):  # cast as autocast casts lm_head's inputs
-                    dtype = torch.get_autocast_dtype(hidden.device.type)
-                    hidden, weight = hidden.to(dtype), weight.to(dtype)
-                total, count = _triton().linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
-                return total / count
-            # chunked: [T, V] fp32 log-probabilities and their gradients never whole (chunked_loss.py)
-            return chunked_cross_entropy(hidden, self.lm_head.weight, targets)
+        return self.loss_head(hidden, self.lm_head.weight, targets)
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""

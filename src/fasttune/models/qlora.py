@@ -380,7 +380,9 @@ def load_qlora_model(
         setattr(model.get_submodule(parent), attr, adapter)
     model.lora_config = cfg
     model.lora_targets = sorted(targets)
-    model.set_kernels(kernels, device)
+    from fasttune.models.kernels import apply_kernels
+
+    apply_kernels(model, kernels, device)
     model.eval()
     nf4_bytes = sum(m.weight.numel() + m.absmax.numel() + 4 * m.absmax2.numel() for m in nf4_layers(model))
     log.info(

@@ -33,6 +33,8 @@ from safetensors.torch import save_file
 
 from fasttune.errors import CheckpointError, ConfigError, FasttuneError
 from fasttune.io import safe_read as safe_io
+from fasttune.models.attention import set_attention_backend
+from fasttune.models.kernels import apply_kernels
 from fasttune.models.model import CausalLM, ModelConfig
 
 log = logging.getLogger("fasttune")
@@ -252,12 +254,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     kernels: str = "auto",
+    attention: str = "auto",
 ) -> CausalLM:
     """Load a Hugging Face checkpoint folder into a `CausalLM` on `device`.
 
     dtype: the parameters' dtype; None takes the config's `dtype`/`torch_dtype`, else float32.
     kernels: "triton" (fused Triton ops), "torch" (PyTorch references) or "auto" (Triton on CUDA, the
     references elsewhere); the choice is logged. Asking for "triton" where it cannot run is an error.
+    attention: "auto", "sdpa" or "flash" (models/attention.py), set on the model and logged.
     The model comes back in eval mode, as transformers returns it. Raises ConfigError or CheckpointError
     naming the file and keys at fault, before any weight is read; never returns a partly loaded model.
     """
@@ -274,7 +278,8 @@ def load_model(
     model.model.inv_freq = model.model.inv_freq.to(device)
     model.source_path = str(folder)
     model.generation_config = _read_generation_config(folder)
-    model.set_kernels(kernels, device)
+    apply_kernels(model, kernels, device)
+    set_attention_backend(model, attention, device, dtype)
     model.eval()  # as transformers' from_pretrained: dropout (LoRA's) is off until a loop calls train()
     log.info(
         "loaded %s (%s, %.1fM parameters) as %s on %s",

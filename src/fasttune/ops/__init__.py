@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from fasttune.choices import KERNELS
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -33,9 +35,6 @@ def check_triton(*tensors: torch.Tensor, op: str) -> None:
             f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU); "
             f"got tensors on {', '.join(devices)}"
         )
-
-
-KERNELS = ("auto", "triton", "torch")
 
 
 def choose_kernels(requested: str, device: torch.device) -> tuple[str, str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fasttune.choices import METHODS
 from fasttune.errors import FasttuneError
 from fasttune.models.lora import LoraConfig
 from fasttune.models.model import CausalLM, ModelConfig
@@ -41,7 +42,6 @@ from fasttune.plan.tables import GPU, GPUS, SHAPES
 ASSUMED_MFU = {"full": 0.35, "lora": 0.35, "qlora": 0.25}
 MFU_SOURCE = "assumed: the PaLM paper (Table 3) reports 21-46% for large-scale training; nothing measured yet"
 FIT_SHARE = 0.95
-METHODS = ("full", "lora", "qlora")
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 
 

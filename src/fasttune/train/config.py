@@ -23,15 +23,8 @@ from typing import Any
 
 import yaml
 
+from fasttune.choices import ATTENTION, KERNELS, METHODS, PRECISIONS, SCHEDULES, STRATEGIES
 from fasttune.errors import ConfigError
-
-METHODS = ("full", "lora", "qlora")
-STRATEGIES = ("auto", "ddp", "fsdp")
-KERNELS = ("auto", "triton", "torch")
-PRECISIONS = ("bf16", "bf16-pure", "fp32")
-SCHEDULES = ("cosine", "linear", "constant")
-NONFINITE = ("stop", "skip")
-
 
 # Test prompts generated for by a run's end-of-run evaluation and by `fasttune eval` unless told otherwise:
 # enough for stable distinct-n and memorisation shares, a few minutes at most of greedy decoding on a CPU.
@@ -83,6 +76,7 @@ class RunConfig:
     method: str = "full"  # full | lora | qlora (NF4 base via bitsandbytes)
     seed: int = 0
     kernels: str = "auto"  # auto (Triton on CUDA, else PyTorch) | triton | torch; the choice is logged
+    attention: str = "auto"  # auto (flash-attn where it can run, else SDPA) | sdpa | flash; logged
     precision: str = "bf16"  # bf16: fp32 master weights, bf16 compute | bf16-pure | fp32
     device: str = "auto"  # auto: cuda when available, else cpu
     epochs: float = 3.0
@@ -336,6 +330,9 @@ def validate(cfg: RunConfig) -> None:
         need(missing is None, f"method qlora needs bitsandbytes ({missing}): {INSTALL_HINT}")
     need(cfg.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
     need(cfg.kernels in KERNELS, f"kernels must be one of {', '.join(KERNELS)}, got {cfg.kernels!r}")
+    need(
+        cfg.attention in ATTENTION, f"attention must be one of {', '.join(ATTENTION)}, got {cfg.attention!r}"
+    )
     need(
         cfg.precision in PRECISIONS,
         f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}",

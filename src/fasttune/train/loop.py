@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from fasttune import regions
 from fasttune.data import corpus, synth
 from fasttune.data.packing import (
     Batch,
@@ -51,6 +52,8 @@ from fasttune.data.packing import (
 from fasttune.data.records import Source, write_jsonl
 from fasttune.errors import FasttuneError
 from fasttune.models import builtin
+from fasttune.models.attention import set_attention_backend
+from fasttune.models.kernels import apply_kernels
 from fasttune.models.model import CausalLM, rope_inv_freq
 from fasttune.models.tokenizer import Tokenizer, load_tokenizer
 from fasttune.models.weights import check_checkpoint, load_model, load_sharded, parse_dtype, save_model
@@ -166,7 +169,8 @@ def build_model(
             model, LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
         )
         log.info("LoRA r=%d alpha=%g on %d modules", cfg.lora.r, cfg.lora.alpha, len(targets))
-    model.set_kernels(cfg.kernels, device)  # after LoRA, so the adapters follow the choice too
+    apply_kernels(model, cfg.kernels, device)  # after LoRA, so the adapters follow the choice too
+    set_attention_backend(model, cfg.attention, device, one_step.compute_dtype(cfg.precision))
     return model
 
 
@@ -199,7 +203,8 @@ def build_sharded_model(cfg: RunConfig, device: torch.device, env: Dist) -> Caus
     load_sharded(model, cfg.model)
     if cfg.method != "full":
         init_lora_sharded(model)
-    model.set_kernels(cfg.kernels, device)
+    apply_kernels(model, cfg.kernels, device)
+    set_attention_backend(model, cfg.attention, device, one_step.compute_dtype(cfg.precision))
     return model
 
 
@@ -223,6 +228,8 @@ def build_parallel(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device, o
             model = build_model(cfg, tokenizer, device, out, env.is_main)
     if env.enabled and env.rank > 0:  # the model is identical on every rank; dropout streams are not
         torch.manual_seed(cfg.seed * 1_000_003 + env.rank)
+    if regions.REGIONS_ON:  # under `fasttune profile`: name the model's parts in the trace
+        regions.mark_regions(model)
     return parallelize(
         model,
         cfg.activation_checkpointing,
@@ -581,7 +588,7 @@ def consolidate(par: Parallel, env: Dist, cfg: RunConfig) -> CausalLM | None:
     for attr in ("source_path", "generation_config"):
         if hasattr(par.model, attr):
             setattr(full, attr, getattr(par.model, attr))
-    full.set_kernels("torch", torch.device("cpu"))
+    apply_kernels(full, "torch", torch.device("cpu"))
     return full
 
 

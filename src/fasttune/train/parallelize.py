@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fasttune.choices import STRATEGIES
 from fasttune.errors import FasttuneError
 from fasttune.models.model import CausalLM
-from fasttune.train.config import STRATEGIES
 from fasttune.train.distributed import SINGLE, Dist
 
 log = logging.getLogger("fasttune")

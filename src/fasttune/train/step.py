@@ -75,6 +75,11 @@ def step_batches(data: TokenizedData, bins: list[list[int]], budget: int, env: D
     return micro, targets, tokens
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls and attention of a run compute in (bf16 under autocast, or the weights')."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
 def autocast(precision: str, device: torch.device, par: Parallel | None = None):
     """bf16 compute over fp32 master weights; none when FSDP casts the parameters to bf16 itself."""
     if precision == "bf16" and not (par is not None and par.fsdp_mixed_precision):
