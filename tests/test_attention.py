@@ -53,12 +53,14 @@ def test_unpacked_batch_is_plain_causal():
 
 
 def test_backend_choice_is_logged_and_forcing_flash_where_it_cannot_run_fails(caplog):
-    model = torch.nn.Linear(2, 2)  # any module: the backend is set on its attention layers (none here)
+    from fasttune.models.model import CausalLM, ModelConfig
+
+    model = CausalLM(ModelConfig("qwen2", 32, 16, 24, 1, 2, 1, 8))
     with caplog.at_level(logging.INFO, logger="fasttune"):
         assert attn.set_attention_backend(model, "auto", torch.device("cpu"), torch.float32) == "sdpa"
     assert "attention backend for cpu/float32: sdpa (reference path" in caplog.text
     assert "flash unavailable: flash-attn needs CUDA tensors" in caplog.text
-    assert model.attention_backend == "auto"
+    assert model.info.attention == "auto"
     with pytest.raises(RuntimeError, match="'flash' was requested but cannot run: flash-attn needs CUDA"):
         attn.set_attention_backend(model, "flash", torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="'flash' was requested but cannot run: flash-attn needs CUDA"):

@@ -148,7 +148,8 @@ def test_apply_lora_targets_only_the_named_layers(base_dir):
         for i in range(2)
         for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
     )
-    assert model.lora_targets == targets and model.lora_config.targets == ("v_proj", "q_proj", "down_proj")
+    assert model.info.lora_targets == targets
+    assert model.info.lora_config.targets == ("v_proj", "q_proj", "down_proj")
     assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].self_attn.k_proj) is nn.Linear
     assert isinstance(model.model.layers[1].mlp.down_proj, LoraLinear)
     assert not any(p.requires_grad for p in model.model.embed_tokens.parameters())
@@ -215,7 +216,7 @@ def test_peft_adapter_loads_in_fasttune(tmp_path, family, targets):
     names = load_adapter(ours, tmp_path / "adapter")
     assert {n.rpartition(".")[2] for n in names} == set(targets)
     assert len(names) == len(targets) * ours.config.num_hidden_layers
-    assert ours.lora_config == LoraConfig(r=3, alpha=7, dropout=0.05, targets=tuple(sorted(targets)))
+    assert ours.info.lora_config == LoraConfig(r=3, alpha=7, dropout=0.05, targets=tuple(sorted(targets)))
     ours.eval()
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
 
@@ -230,7 +231,7 @@ def test_load_adapter_into_a_model_with_matching_adapters(tmp_path, base_dir):
     load_adapter(resumed, tmp_path / "adapter")
     for key, t in lora_state_dict(src).items():
         torch.testing.assert_close(lora_state_dict(resumed)[key], t, rtol=0, atol=0)
-    assert resumed.lora_config.dropout == 0.2  # the training run's own dropout stays
+    assert resumed.info.lora_config.dropout == 0.2  # the training run's own dropout stays
     other = fasttune.load_model(base_dir)
     apply_lora(other, LoraConfig(r=8, alpha=8))
     with pytest.raises(CheckpointError, match="already has LoRA adapters"):
@@ -253,7 +254,7 @@ def test_merge_then_save_loads_in_transformers(tmp_path, family):
     expected_q = q.merged_weight()
     assert merge_lora(model) is model
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
-    assert model.lora_config is None
+    assert model.info.lora_config is None
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, expected_q, rtol=0, atol=0)
     assert not any("lora" in n or "base_layer" in n for n in model.state_dict())

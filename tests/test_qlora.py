@@ -256,7 +256,7 @@ def test_only_the_adapters_train_and_the_nf4_base_is_untouched(base_dir):
     torch.optim.AdamW(lora_parameters(model), lr=0.1).step()
     assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
     # all 7 linears of both layers are NF4; adapters on the default targets (all 7)
-    assert len(nf4_layers(model)) == 14 and len(model.lora_targets) == 14
+    assert len(nf4_layers(model)) == 14 and len(model.info.lora_targets) == 14
     model.eval()  # generation: bitsandbytes' no-gradient path, as the loop's samples run it
     with torch.no_grad():
         expected = model.logits(IDS[:, :4])[0, -1].argmax().item()

@@ -130,7 +130,7 @@ def encode_prompt(tokenizer, item: dict, system_prompt: str, raw: bool) -> list[
 def _stop_ids(model, tokenizer) -> list[int]:
     """The tokenizer's stop tokens (turn ends, eos), plus generation_config.json's eos_token_id."""
     ids = list(tokenizer.stop_token_ids)
-    eos = (getattr(model, "generation_config", None) or {}).get("eos_token_id")
+    eos = model.info.generation_config.get("eos_token_id")
     for t in eos if isinstance(eos, list) else [eos]:
         if isinstance(t, int) and t not in ids:
             ids.append(t)

@@ -338,7 +338,7 @@ def evaluate_run(
     report = {
         "split": split,
         "data": str(data_dir),
-        "model": getattr(model, "source_path", None),
+        "model": model.info.source_path,
         **(
             split_loss(model, data, micro_batch_tokens, autocast_dtype=autocast_dtype)
             if loss is None

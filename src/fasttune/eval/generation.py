@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fasttune.devices import resolve_device
 from fasttune.errors import CheckpointError, ConfigError, FasttuneError
 from fasttune.models.attention import attention
 from fasttune.models.lora import ADAPTER_CONFIG, load_adapter
@@ -383,18 +384,6 @@ def _generate_batch(
 # Loading a model to generate with
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device {device!r} is not a device (cpu, cuda, cuda:1, ... or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r}: no CUDA device is available here")
-    return device
-
-
 def _adapter_base(adapter: Path) -> Path:
     """The base model folder named by an adapter's `base_model_name_or_path`: as given (absolute, or
     relative to the working directory), else relative to the adapter folder."""
@@ -448,7 +437,7 @@ def load_for_generation(
         dtype = parse_dtype(dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    model = load_model(base, dtype=dtype, device=_resolve_device(device))
+    model = load_model(base, dtype=dtype, device=resolve_device(device))
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
         log.info("adapter %s on %s", adapter_dir, base)

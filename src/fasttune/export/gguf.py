@@ -205,7 +205,7 @@ def tensor_type(gguf, name: str, shape: tuple[int, ...], quant: str):
 def plan_tensors(model, quant: str, gguf) -> list[PlannedTensor]:
     """Every tensor of the GGUF file, in writing order, with its type; nothing converted yet."""
     cfg = model.config
-    arch = check_exportable(cfg, getattr(model, "source_path", None) or "model")
+    arch = check_exportable(cfg, model.info.source_path or "model")
     state = {n: t.detach() for n, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:  # llama.cpp uses token_embd for the head when `output` is absent
         state.pop("lm_head.weight", None)
@@ -453,7 +453,7 @@ def write_gguf(
     if tokenizer is None:
         raise TokenizerError("GGUF export needs the tokenizer (a folder with tokenizer.json)")
     cfg = model.config
-    arch = check_exportable(cfg, getattr(model, "source_path", None) or "model")
+    arch = check_exportable(cfg, model.info.source_path or "model")
     vocab = build_vocab(tokenizer, cfg.vocab_size, cfg.hf)
     planned = plan_tensors(model, quant, gguf)
 
@@ -461,7 +461,7 @@ def write_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(path=None, arch=arch)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name or Path(getattr(model, "source_path", None) or path.stem).name)
+    w.add_name(name or Path(model.info.source_path or path.stem).name)
     _add_architecture(w, gguf, cfg, arch, quant)
     _add_vocab(w, vocab)
     for t in planned:

@@ -47,7 +47,7 @@ def set_attention_backend(model, name: str = "auto", device=None, dtype=None) ->
     for m in model.modules():
         if hasattr(type(m), "backend"):  # the model's Attention modules (and their fused twins)
             m.backend = name
-    model.attention_backend = name
+    model.info.attention = name
     return runs
 
 

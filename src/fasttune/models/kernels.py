@@ -97,7 +97,8 @@ def apply_kernels(model: torch.nn.Module, requested: str = "auto", device: torch
                 f"apply_kernels: {path or 'the model'} is a {cls.__name__} (wrapped by FSDP or another "
                 "tool); apply the kernels before wrapping"
             )
-        elif "kernels" in vars(module):  # the LoRA layers and the CausalLM, which records the choice
+        elif "kernels" in vars(module):  # the LoRA layers carry the choice themselves
             module.kernels = name
+    model.info.kernels = name
     log.info("kernels: %s (%s)", name, why)
     return name

@@ -188,11 +188,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         adapter = LoraLinear(linear, cfg.r, cfg.alpha, cfg.dropout)
         adapter.train(model.training)  # a new module starts in training mode; it must follow the model's
-        adapter.kernels = getattr(model, "kernels", "torch")  # and the model's choice of ops
+        adapter.kernels = model.info.kernels  # and the model's choice of ops
         setattr(model.get_submodule(parent_name), attr, adapter)
-    model.lora_config = cfg
-    model.lora_targets = sorted(found)
-    return list(model.lora_targets)
+    model.info.lora_config = cfg
+    model.info.lora_targets = sorted(found)
+    return list(model.info.lora_targets)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -220,7 +220,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_path: str | None = None) -> Path:
     """Write the adapter as a PEFT folder. `base_model_path` defaults to the folder the model was loaded
     from. Files are written to a temporary folder beside `path` and then renamed into place."""
-    cfg = getattr(model, "lora_config", None)
+    cfg = model.info.lora_config
     modules = _lora_modules(model)
     if cfg is None or not modules:
         raise ConfigError("save_adapter: the model has no LoRA adapters (call apply_lora first)")
@@ -229,7 +229,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_path: str
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_path or getattr(model, "source_path", None),
+        "base_model_name_or_path": base_model_path or model.info.source_path,
         "revision": None,
         "inference_mode": True,
         "r": cfg.r,
@@ -308,7 +308,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
     existing = dict(_lora_modules(model))
     if existing:
-        have = getattr(model, "lora_config", None)
+        have = model.info.lora_config
         same = have is not None and (have.r, have.alpha) == (cfg.r, cfg.alpha)
         wanted = {n.rpartition(".")[2] for n in existing}
         if not same or wanted != set(cfg.targets):
@@ -354,7 +354,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         for name, m in _lora_modules(model):
             m.lora_A.weight.copy_(tensors[f"{_PREFIX}{name}.lora_A.weight"])
             m.lora_B.weight.copy_(tensors[f"{_PREFIX}{name}.lora_B.weight"])
-    return list(model.lora_targets)
+    return list(model.info.lora_targets)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -366,6 +366,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         base.weight = nn.Parameter(merged, requires_grad=False)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, base)
-    model.lora_config = None
-    model.lora_targets = None
+    model.info.lora_config = None
+    model.info.lora_targets = None
     return model

@@ -472,6 +472,20 @@ class LossHead(nn.Module):
         return chunked_cross_entropy(hidden, weight, targets)
 
 
+@dataclass
+class ModelInfo:
+    """What a model knows besides its weights: where it was loaded from and what was done to it. Set by the
+    loaders (weights.py, qlora.py), LoRA (lora.py) and the ops and attention choices (kernels.py,
+    attention.py); read by export, evaluation and generation."""
+
+    source_path: str | None = None  # the folder it was loaded from
+    generation_config: dict = field(default_factory=dict)  # the folder's generation_config.json
+    lora_config: Any = None  # the adapters' models.lora.LoraConfig, once applied
+    lora_targets: list[str] | None = None  # the adapted modules' names
+    kernels: str = "torch"  # the ops it runs: "torch" (this file) or "triton" (kernels.py's twins)
+    attention: str = "sdpa"  # its attention layers' backend request (attention.py)
+
+
 class CausalLM(nn.Module):
     """`forward` returns hidden states [B, T, H]; `logits` and `loss` apply the head."""
 
@@ -482,7 +496,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.loss_head = LossHead()
         self.tie_weights()
-        self.kernels = "torch"  # the ops this model runs: models/kernels.py's apply_kernels sets it
+        self.info = ModelInfo()
 
     def tie_weights(self) -> None:
         """A tied head shares the embedding's Parameter, so both gradients land in one tensor."""

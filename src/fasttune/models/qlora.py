@@ -369,8 +369,8 @@ def load_qlora_model(
     out = staging = None  # free the buffer (the loop's last tensor may be a view of it)
     model.tie_weights()
     model.model.inv_freq = model.model.inv_freq.to(device)
-    model.source_path = str(plan.folder)
-    model.generation_config = _read_generation_config(plan.folder)
+    model.info.source_path = str(plan.folder)
+    model.info.generation_config = _read_generation_config(plan.folder)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -378,8 +378,8 @@ def load_qlora_model(
         parent, _, attr = name.rpartition(".")
         adapter = QLoraLinear(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout)
         setattr(model.get_submodule(parent), attr, adapter)
-    model.lora_config = cfg
-    model.lora_targets = sorted(targets)
+    model.info.lora_config = cfg
+    model.info.lora_targets = sorted(targets)
     from fasttune.models.kernels import apply_kernels
 
     apply_kernels(model, kernels, device)
@@ -414,7 +414,7 @@ def build_for_run(cfg, tokenizer, device: torch.device, out: Path) -> CausalLM:
         del base
         path = out / "base_model"
     compute = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
-    lora_cfg = LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
+    lora_cfg = cfg.lora.to_lora_config()
     return load_qlora_model(path, lora_cfg, device, compute_dtype=compute, kernels=cfg.kernels)
 
 

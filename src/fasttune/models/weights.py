@@ -276,8 +276,8 @@ def load_model(
         _set_parameter(model, name, out)
     model.tie_weights()
     model.model.inv_freq = model.model.inv_freq.to(device)
-    model.source_path = str(folder)
-    model.generation_config = _read_generation_config(folder)
+    model.info.source_path = str(folder)
+    model.info.generation_config = _read_generation_config(folder)
     apply_kernels(model, kernels, device)
     set_attention_backend(model, attention, device, dtype)
     model.eval()  # as transformers' from_pretrained: dropout (LoRA's) is off until a loop calls train()
@@ -428,7 +428,7 @@ def _hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def _generation_config(model: CausalLM, tokenizer) -> dict:
-    gen = dict(getattr(model, "generation_config", None) or {})
+    gen = dict(model.info.generation_config)
     if tokenizer is not None:
         stops = tokenizer.stop_token_ids
         gen["eos_token_id"] = stops if len(stops) > 1 else stops[0]
@@ -480,6 +480,6 @@ def load_sharded(model: CausalLM, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{plan.folder}: no tensor for {_names(missing)}")
     with torch.no_grad():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(plan.folder)))
-    model.source_path = str(plan.folder)
-    model.generation_config = _read_generation_config(plan.folder)
+    model.info.source_path = str(plan.folder)
+    model.info.generation_config = _read_generation_config(plan.folder)
     log.info("loaded %s shard by shard (%.1fM parameters)", plan.folder, plan.num_parameters / 1e6)

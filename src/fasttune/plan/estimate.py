@@ -390,7 +390,7 @@ def plan_for_run(
         nproc=nproc,
         strategy=cfg.strategy,
         cpu_offload=cfg.cpu_offload,
-        lora=LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets)),
+        lora=cfg.lora.to_lora_config(),
     )
     shape = Shape.of(config, o.lora, name)
     tokens = examples * cfg.data.split[0] * mean_doc_len

@@ -98,12 +98,11 @@ def host_plan(
 
 def host_plan_for_config(cfg) -> HostPlan:
     """The host plan of a run config with a model folder (`cfg.model`), on the device it resolves to."""
-    import torch
-
-    from fasttune.models.lora import LoraConfig
+    from fasttune.devices import resolve_device
     from fasttune.models.weights import check_checkpoint, parse_dtype
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    # "auto" as a run resolves it; a named device is planned for as named (it need not exist here)
+    device = str(resolve_device("auto")) if cfg.device == "auto" else cfg.device
     plan = check_checkpoint(cfg.model)
     stored = float(sum(f.stat().st_size for f in set(plan.location.values())))
     hf = plan.config.hf
@@ -114,7 +113,7 @@ def host_plan_for_config(cfg) -> HostPlan:
         micro_batch_tokens=cfg.micro_batch_tokens,
         activation_checkpointing=cfg.activation_checkpointing,
         kernels="torch" if cfg.kernels == "torch" or device.startswith("cpu") else "triton",
-        lora=LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets)),
+        lora=cfg.lora.to_lora_config(),
         device="cpu" if device.startswith("cpu") else "cuda",
     )
     shape = Shape.of(plan.config, o.lora, str(cfg.model))

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from fasttune import regions as marks
+from fasttune.devices import resolve_device
 from fasttune.errors import FasttuneError
 from fasttune.regions import PREFIX, REGIONS
 
@@ -123,7 +124,7 @@ def profile_run(cfg, steps: int = 5, warmup: int = 2, out_dir=None, top: int = 1
     cfg.max_steps = last + 1
     cfg.eval_every = cfg.save_every = cfg.max_steps + 1
     cfg.early_stopping, cfg.samples, cfg.tensorboard = None, 0, False
-    device = train.resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:

@@ -68,6 +68,12 @@ class LoraSettings:
     )
     merge: bool = False  # also write a merged full model beside the adapter
 
+    def to_lora_config(self):
+        """The adapters' shape as models/lora.py takes it (`merge` is the run's export choice, not theirs)."""
+        from fasttune.models.lora import LoraConfig
+
+        return LoraConfig(self.r, self.alpha, self.dropout, tuple(self.targets))
+
 
 @dataclass
 class RunConfig:

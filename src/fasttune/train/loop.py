@@ -50,6 +50,7 @@ from fasttune.data.packing import (
     tokenizer_fingerprint,
 )
 from fasttune.data.records import Source, write_jsonl
+from fasttune.devices import resolve_device
 from fasttune.errors import FasttuneError
 from fasttune.models import builtin
 from fasttune.models.attention import set_attention_backend
@@ -81,12 +82,6 @@ class RunResult:
     val_loss: float | None = None
     test_loss: float | None = None
     samples: list[tuple[str, str]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,21 +158,13 @@ def build_model(
         if cfg.method == "lora" and is_main:  # this base exists only in this run: the adapter needs it
             save_model(model, out / "base_model", tokenizer=tokenizer)
     if cfg.method == "lora":
-        from fasttune.models.lora import LoraConfig, apply_lora
+        from fasttune.models.lora import apply_lora
 
-        targets = apply_lora(
-            model, LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
-        )
+        targets = apply_lora(model, cfg.lora.to_lora_config())
         log.info("LoRA r=%d alpha=%g on %d modules", cfg.lora.r, cfg.lora.alpha, len(targets))
     apply_kernels(model, cfg.kernels, device)  # after LoRA, so the adapters follow the choice too
     set_attention_backend(model, cfg.attention, device, one_step.compute_dtype(cfg.precision))
     return model
-
-
-def _lora_config(cfg: RunConfig):
-    from fasttune.models.lora import LoraConfig
-
-    return LoraConfig(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, tuple(cfg.lora.targets))
 
 
 def _meta_model(cfg: RunConfig) -> CausalLM:
@@ -188,7 +175,7 @@ def _meta_model(cfg: RunConfig) -> CausalLM:
     if cfg.method != "full":
         from fasttune.models.lora import apply_lora
 
-        apply_lora(model, _lora_config(cfg))
+        apply_lora(model, cfg.lora.to_lora_config())
     return model
 
 
@@ -387,7 +374,7 @@ def run(
     folder is checked and locked first (run_folder.py): `force` writes into a folder that is not a run's,
     or starts a run's folder over; `allow_config_change` resumes with trajectory keys changed."""
     out = Path(cfg.output_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     env = distributed.init(device)
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
@@ -581,13 +568,11 @@ def consolidate(par: Parallel, env: Dist, cfg: RunConfig) -> CausalLM | None:
         if cfg.method != "full":
             from fasttune.models.lora import apply_lora
 
-            apply_lora(full, _lora_config(cfg))
+            apply_lora(full, cfg.lora.to_lora_config())
     full.load_state_dict(full_state, assign=True)
     full.tie_weights()
     full.model.inv_freq = rope_inv_freq(full.model.rope_config)  # a buffer not in the state dict
-    for attr in ("source_path", "generation_config"):
-        if hasattr(par.model, attr):
-            setattr(full, attr, getattr(par.model, attr))
+    full.info = dataclasses.replace(par.model.info)  # its source folder and generation config
     apply_kernels(full, "torch", torch.device("cpu"))
     return full
 
