@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fasttune.cli.main import main
-from fasttune.data import corpus, synth
+from fasttune.data import corpus, synth, text_stats
 from fasttune.data.packing import PackedSampler, TokenizedData, TokenizeOptions, collate, tokenize
 from fasttune.data.records import DataError, Example, write_jsonl
 from fasttune.models.tokenizer import builtin_tokenizer
@@ -37,7 +37,7 @@ def test_prepare_writes_grouped_splits_and_training_arrays(tmp_path, tok, small_
         sum(len(v) for v in records.values())
         == r["examples_read"] - r["dedup"]["exact"] - r["dedup"]["normalized"]
     )
-    outputs = {s: {synth.normalize_text(x["output"]) for x in v} for s, v in records.items()}
+    outputs = {s: {text_stats.normalize_text(x["output"]) for x in v} for s, v in records.items()}
     assert not (
         outputs["train"] & outputs["val"]
         or outputs["train"] & outputs["test"]

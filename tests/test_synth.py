@@ -16,15 +16,8 @@ from collections import Counter
 import pytest
 
 from fasttune.data import synth
-from fasttune.data.synth import (
-    INPUT_TYPES,
-    TEMPLATE_FAMILIES,
-    distinct_n,
-    family_balance,
-    generate,
-    normalize_text,
-    repeat_rate,
-)
+from fasttune.data.synth import INPUT_TYPES, TEMPLATE_FAMILIES, generate
+from fasttune.data.text_stats import distinct_n, family_balance, normalize_text, repeat_rate
 
 REFERENCE_N = 36079  # the size of the reference data set the corpus imitates
 FIELDS = {"input", "output", "meta_template", "meta_input_type", "source_words"}

@@ -35,7 +35,7 @@ from fasttune.data.records import (
     write_jsonl,
     write_rejects,
 )
-from fasttune.data.synth import distinct_n
+from fasttune.data.text_stats import distinct_n
 from fasttune.models.tokenizer import Tokenizer, format_mask
 
 

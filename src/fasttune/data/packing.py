@@ -202,6 +202,7 @@ def tokenize(
         meta,
         weight=np.asarray(weights, dtype=np.float32) if any(w != 1 for w in weights) else None,
     )
+    # count_targets over every example, vectorised: the mask's sum less each sequence's first token
     data.meta["num_targets"] = (
         int(data.mask.sum()) - int(data.mask[data.offsets[:-1]].sum()) if len(data) else 0
     )
@@ -314,6 +315,12 @@ class Batch:
     def to(self, device) -> Batch:
         move = {k: v.to(device, non_blocking=True) for k, v in vars(self).items() if torch.is_tensor(v)}
         return Batch(**{**vars(self), **move})
+
+
+def count_targets(data: TokenizedData, indices: list[int]) -> int:
+    """The trained tokens of the examples `indices`: a sequence's mask from its second token on (the first
+    token is never a target), which is what `collate`'s `targets != -100` counts, without building it."""
+    return sum(int(data.sequence(i)[1][1:].sum()) for i in indices)
 
 
 def collate(data: TokenizedData, indices: list[int], pad_to: int | None = None, pad_id: int = 0) -> Batch:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttune.data.synth import normalize_text
+from fasttune.data.text_stats import normalize_text
 from fasttune.io.jsonl import (
     DEFAULT_MAX_SEQ_LEN,
     DataError,

@@ -25,11 +25,11 @@ the generation prompt instead. The first `max_examples` examples of the split ar
 
 Generation metrics (texts are the decoded new tokens, stop token excluded, stripped):
   distinct_1, distinct_2  distinct word n-grams / all word n-grams over all generations, n-grams taken
-                          within each text after `synth.normalize_text` (`synth.distinct_n`);
+                          within each text after `text_stats.normalize_text` (`text_stats.distinct_n`);
   mean_tokens, mean_words generated tokens per example; whitespace-separated words per generation;
   empty                   generations with no word;
   memorised               the share of generations equal to some training output (the training
-                          records' last assistant message) after `synth.normalize_text`: casefolded,
+                          records' last assistant message) after `text_stats.normalize_text`: casefolded,
                           Unicode punctuation dropped, whitespace collapsed;
   template_coverage       for records with `meta_template` (the synthetic corpus's seven shapes, or any
                           corpus's own labels), see `template_coverage`. None when the split has none.
@@ -59,7 +59,7 @@ from fasttune.data.packing import (
     with_system_prompt,
 )
 from fasttune.data.records import DataError, Example, detect_format, to_messages
-from fasttune.data.synth import distinct_n, normalize_text
+from fasttune.data.text_stats import distinct_n, normalize_text
 from fasttune.errors import FasttuneError
 from fasttune.eval.generation import generate
 from fasttune.io.jsonl import LineError, parse_json, read_lines
@@ -195,6 +195,37 @@ def generation_metrics(
 
 
 @torch.no_grad()
+def loss_over_bins(
+    model: CausalLM,
+    data: TokenizedData,
+    bins: list[list[int]],
+    device: torch.device,
+    cast=None,
+    rank: int = 0,
+    world: int = 1,
+    pad_to: int | None = None,
+) -> tuple[float, int]:
+    """(summed cross-entropy, target count) over this rank's share of `bins`: every `world`-th bin from
+    `rank`. A rank short of bins runs its first one again with weight 0, since under FSDP every rank must
+    join every forward. `cast`: the context the forward runs in (autocast), none by default. The one loss
+    of a split: the run's validation and test loss and `fasttune eval` all come from here."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for first in range(0, len(bins), world):
+            j = first + rank
+            b = collate(data, bins[j if j < len(bins) else rank % len(bins)], pad_to=pad_to).to(device)
+            with cast if cast is not None else contextlib.nullcontext():
+                loss = model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
+            if j < len(bins):
+                total += float(loss.float()) * b.num_targets  # float64 on the host: no drift over many rows
+                count += b.num_targets
+    finally:
+        model.train(was_training)
+    return total, count
+
+
 def split_loss(
     model: CausalLM,
     data: TokenizedData,
@@ -209,23 +240,8 @@ def split_loss(
         return {"loss": None, "perplexity": None, "targets": 0, "examples": 0}
     device = torch.device(device) if device is not None else model.lm_head.weight.device
     budget = max(micro_batch_tokens, int(data.lengths.max()))
-    cast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for bin_ in pack_bfd(data.lengths, budget):
-            b = collate(data, bin_).to(device)
-            with cast:
-                loss = model.loss(b.input_ids, b.targets, b.position_ids, b.cu_seqlens, b.max_seqlen)
-            total += float(loss.float()) * b.num_targets  # float64 on the host: no drift over many rows
-            count += b.num_targets
-    finally:
-        model.train(was_training)
+    cast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
+    total, count = loss_over_bins(model, data, pack_bfd(data.lengths, budget), device, cast)
     loss = total / count
     return {
         "loss": loss,
@@ -425,6 +441,7 @@ __all__ = [
     "memorised",
     "prompt_ids",
     "read_records",
+    "loss_over_bins",
     "split_loss",
     "template_coverage",
     "write_report",

@@ -28,7 +28,8 @@ for the reduce-scatter; with precision bf16 its mixed-precision policy replaces 
 copies). cpu_offload moves the shards, gradients and optimizer states to host memory. DDP keeps a whole
 replica; its gradients are its all-reduce buckets (gradient_as_bucket_view), so nothing is added.
 "auto" picks DDP when weights + gradients + AdamW states take at most 60% of one GPU, else FSDP, as
-parallelize.choose_strategy does. A plan "fits" under 95% of the GPU's memory, is "tight" up to 100%.
+train/strategy.py decides (the rule the run applies). A plan "fits" under 95% of the GPU's memory, is
+"tight" up to 100%.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ from fasttune.models.chunked_loss import chunk_tokens
 from fasttune.models.lora import LoraConfig, apply_lora
 from fasttune.models.model import CausalLM, ModelConfig
 from fasttune.models.qlora import NF4_BYTES_PER_WEIGHT
+from fasttune.train.strategy import decide_strategy
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.75 * GIB  # context, cuBLAS workspaces, Triton's loaded kernels: assumed
 ALLOCATOR_SHARE = 0.05  # caching allocator fragmentation: assumed
-DDP_SHARE = 0.6  # as parallelize.DDP_MEMORY_SHARE
 LCE_CHUNK_BYTES = 512 * 2**20  # as ops/linear_cross_entropy._CHUNK_BYTES (tests check they agree)
 
 
@@ -245,9 +246,8 @@ def choose_strategy(shape: Shape, o: Options, gpu_bytes: float) -> str:
         return "single"
     if o.method == "qlora":
         raise FasttuneError("method qlora runs in one process: plan it with --nproc 1")
-    if o.strategy != "auto":
-        return o.strategy
-    return "ddp" if training_state_bytes(shape, o) <= DDP_SHARE * gpu_bytes else "fsdp"
+    device_type = "cuda" if o.device.startswith("cuda") else o.device
+    return decide_strategy(o.strategy, o.nproc, device_type, training_state_bytes(shape, o), gpu_bytes)[0]
 
 
 def memory_rows(shape: Shape, o: Options, strategy: str) -> tuple[list[Row], float]:

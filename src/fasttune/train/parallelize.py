@@ -37,14 +37,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fasttune.choices import STRATEGIES
 from fasttune.errors import FasttuneError
 from fasttune.models.model import CausalLM
 from fasttune.train.distributed import SINGLE, Dist
+from fasttune.train.strategy import decide_strategy
 
 log = logging.getLogger("fasttune")
-
-DDP_MEMORY_SHARE = 0.6  # auto: the training state may take this share of one GPU under DDP
 
 
 class _LossModule(nn.Module):
@@ -105,26 +103,14 @@ def training_state_bytes(model: nn.Module, precision: str) -> int:
 def choose_strategy(
     requested: str, model: nn.Module, device: torch.device, precision: str, dist: Dist
 ) -> str:
+    """train/strategy.py's rule for this model on this device; "auto"'s choice is logged with its reason."""
     if not dist.enabled:
         return "single"
-    if requested not in STRATEGIES:
-        raise FasttuneError(f"strategy must be one of {', '.join(STRATEGIES)}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if device.type != "cuda":
-        log.info("strategy auto: ddp (on the %s there is no device memory to save)", device.type)
-        return "ddp"
     need = training_state_bytes(model, precision)
-    have = torch.cuda.get_device_properties(device).total_memory
-    choice = "ddp" if need <= DDP_MEMORY_SHARE * have else "fsdp"
-    log.info(
-        "strategy auto: %s (weights + gradients + AdamW states: %.1f GiB per GPU unsharded, "
-        "%.0f%% of %.1f GiB)",
-        choice,
-        need / 2**30,
-        100 * need / have,
-        have / 2**30,
-    )
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    choice, why = decide_strategy(requested, dist.world_size, device.type, need, have)
+    if requested == "auto":
+        log.info("strategy auto: %s (%s)", choice, why)
     return choice
 
 

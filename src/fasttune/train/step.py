@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fasttune.data.packing import Batch, TokenizedData, collate
+from fasttune.data.packing import Batch, TokenizedData, collate, count_targets
 from fasttune.regions import region
 from fasttune.train.distributed import SINGLE, Dist, all_reduce_sum
 from fasttune.train.metrics import peak_memory_gib
@@ -52,11 +52,6 @@ class StepResult:
             "mfu": self.tokens / seconds * fpt / (peak * world) if peak else None,
             "memory_gib": peak_memory_gib(device),
         }
-
-
-def count_targets(data: TokenizedData, bin_: list[int]) -> int:
-    """The trained tokens of a bin, as `collate` would count them, without building it."""
-    return sum(int(data.sequence(i)[1][1:].sum()) for i in bin_)
 
 
 def step_batches(data: TokenizedData, bins: list[list[int]], budget: int, env: Dist, device):
