@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.text_stats import normalize_text
+from fasttune.io.atomic import atomic_file
 from fasttune.io.jsonl import (
     DEFAULT_MAX_SEQ_LEN,
     DataError,
@@ -269,26 +269,10 @@ def report(problems: list[Problem], n_files: int, most: int = 200) -> str:
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any] | str]) -> None:
     """One JSON object (or an already serialised line) per line, written beside `path` and renamed into
     place: a reader (or a crash) sees either the old file or the whole new one, never a partial one."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 (not mkstemp's 0o600) so the final file gets the umask's usual permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with open(fd, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                f.write(record if isinstance(record, str) else json.dumps(record, ensure_ascii=False))
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        for record in records:
+            f.write(record if isinstance(record, str) else json.dumps(record, ensure_ascii=False))
+            f.write("\n")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import secrets
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +61,7 @@ from fasttune.data.records import DataError, Example, detect_format, to_messages
 from fasttune.data.text_stats import distinct_n, normalize_text
 from fasttune.errors import FasttuneError
 from fasttune.eval.generation import generate
+from fasttune.io.atomic import write_atomic
 from fasttune.io.jsonl import LineError, parse_json, read_lines
 from fasttune.models.model import CausalLM
 from fasttune.models.tokenizer import Tokenizer
@@ -418,16 +418,7 @@ def _finite(value):
 def write_report(report: dict, path: str | os.PathLike) -> Path:
     """The report as indented JSON, written beside `path` and renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(_finite(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, json.dumps(_finite(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 

@@ -482,7 +482,7 @@ class ModelInfo:
     generation_config: dict = field(default_factory=dict)  # the folder's generation_config.json
     lora_config: Any = None  # the adapters' models.lora.LoraConfig, once applied
     lora_targets: list[str] | None = None  # the adapted modules' names
-    kernels: str = "torch"  # the ops it runs: "torch" (this file) or "triton" (kernels.py's twins)
+    kernels: str = "torch"  # the ops it runs: "torch" (this file's math) or models/kernels.py's fused twins
     attention: str = "sdpa"  # its attention layers' backend request (attention.py)
 
 

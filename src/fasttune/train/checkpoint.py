@@ -30,13 +30,13 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fasttune.errors import CheckpointError
+from fasttune.io.atomic import write_atomic
 from fasttune.train import checkpoint_check as check
 from fasttune.train.distributed import SINGLE, Dist, agree_any, barrier
 
@@ -217,16 +217,7 @@ def _previous(root: Path, final: Path) -> Path | None:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / "latest")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(root / "latest", name + "\n")
     _fsync_dir(root)
 
 

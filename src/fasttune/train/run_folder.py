@@ -26,13 +26,13 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from fasttune.errors import FasttuneError
+from fasttune.io.atomic import write_atomic
 from fasttune.train import distributed
 from fasttune.train.checkpoint import find_latest
 from fasttune.train.config import RunConfig
@@ -60,20 +60,6 @@ _SNIFF_BYTES = 1 << 20  # a config.yaml or metrics.jsonl line of ours is far bel
 
 class RunFolderError(FasttuneError):
     """An output folder this run may not write into, with what to do instead."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +198,7 @@ class RunFolder:
         folder as it found it (the lock file aside)."""
         if self.lock is not None:
             _write_status(self.out, "running")
-            _write_atomic(self.out / "config.yaml", self.config_yaml)
+            write_atomic(self.out / "config.yaml", self.config_yaml)
 
     def finished(self, step: int) -> None:
         if self.lock is not None:
@@ -233,7 +219,7 @@ def _write_status(out: Path, status: str, step: int | None = None) -> None:
         "pid": os.getpid(),
         "time": time.time(),
     }
-    _write_atomic(out / MARKER, json.dumps(record) + "\n")
+    write_atomic(out / MARKER, json.dumps(record) + "\n")
 
 
 def _clear_outputs(out: Path) -> list[str]:
