@@ -38,18 +38,18 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fasttune.devices import resolve_device
-from fasttune.errors import CheckpointError, ConfigError, FasttuneError
+from fasttune.errors import ConfigError, FasttuneError
 from fasttune.models.attention import attention
-from fasttune.models.lora import ADAPTER_CONFIG, load_adapter
+from fasttune.models.folders import resolve_source
+from fasttune.models.lora import load_adapter
 from fasttune.models.model import CausalLM, ModelConfig
 from fasttune.models.tokenizer import Tokenizer, load_tokenizer
-from fasttune.models.weights import load_model, parse_dtype, read_json
+from fasttune.models.weights import load_model, parse_dtype
 
 log = logging.getLogger("fasttune")
 
@@ -384,26 +384,6 @@ def _generate_batch(
 # Loading a model to generate with
 
 
-def _adapter_base(adapter: Path) -> Path:
-    """The base model folder named by an adapter's `base_model_name_or_path`: as given (absolute, or
-    relative to the working directory), else relative to the adapter folder."""
-    config_file = adapter / ADAPTER_CONFIG
-    name = read_json(config_file).get("base_model_name_or_path")
-    if not name or not isinstance(name, str):
-        raise ConfigError(
-            f"{config_file}: no base_model_name_or_path; give the base model folder and the adapter "
-            "separately (fasttune generate --model BASE --adapter ADAPTER)"
-        )
-    for candidate in (Path(name), adapter / name):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError(
-        f"{config_file}: base_model_name_or_path {name!r} is not a local folder (fasttune loads local "
-        "folders only); give the base model folder and the adapter separately "
-        "(fasttune generate --model BASE --adapter ADAPTER)"
-    )
-
-
 def load_for_generation(
     path: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
@@ -412,27 +392,13 @@ def load_for_generation(
 ) -> tuple[CausalLM, Tokenizer]:
     """(model, tokenizer) for `generate`, in eval mode.
 
-    `path` is a Hugging Face folder (a full or merged model) or a PEFT adapter folder (with
-    adapter_config.json), whose `base_model_name_or_path` names the base folder; or give the base folder
-    as `path` and the adapter folder as `adapter`. The adapter stays unmerged, computed as in training
-    (fp32 A and B beside the frozen base). The tokenizer comes from the adapter folder when it has one
-    (fasttune saves it there, chat template included), else from the model folder. dtype: None takes
-    config.json's; device "auto" takes CUDA when there is one."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (a model folder or a LoRA adapter folder)")
-    adapter_dir = None if adapter is None else Path(adapter)
-    if (folder / ADAPTER_CONFIG).exists():
-        if adapter_dir is not None:
-            raise ConfigError(
-                f"{folder} is an adapter folder ({ADAPTER_CONFIG}) and an adapter ({adapter_dir}) was also "
-                "given: pass the base model folder as the model"
-            )
-        adapter_dir, base = folder, _adapter_base(folder)
-    else:
-        base = folder
-    if adapter_dir is not None and not (adapter_dir / ADAPTER_CONFIG).exists():
-        raise CheckpointError(f"{adapter_dir}: not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+    `path` is a Hugging Face folder (a full or merged model), a PEFT adapter folder (with
+    adapter_config.json), whose `base_model_name_or_path` names the base folder, or a run folder; or give
+    the base folder as `path` and the adapter folder as `adapter` (models/folders.py). The adapter stays
+    unmerged, computed as in training (fp32 A and B beside the frozen base). The tokenizer comes from the
+    adapter folder when it has one (fasttune saves it there, chat template included), else from the model
+    folder. dtype: None takes config.json's; device "auto" takes CUDA when there is one."""
+    base, adapter_dir = resolve_source(path, adapter)  # models/folders.py: the rule every command uses
     try:
         dtype = parse_dtype(dtype)
     except ValueError as e:

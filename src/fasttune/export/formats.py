@@ -9,10 +9,11 @@ Formats:
     hf      the full model re-saved (`weights.save_model`), optionally cast with `dtype`
     peft    the adapter re-saved in PEFT format (`lora.save_adapter`), with the tokenizer
     merged  base + adapter folded together in fp32 (`merge.merge_to_folder`), saved as a full folder
-    gguf    one .gguf file (`export_gguf.write_gguf`); an adapter is merged first
+    gguf    one .gguf file (`export/gguf.py`'s `write_gguf`); an adapter is merged first
 
 The source. `model_dir` is a Hugging Face folder, an adapter folder (its `base_model_name_or_path` names
-the base), or a `fasttune run` output folder (its `model/`, else its `adapter/`). The tokenizer comes from
+the base), or a `fasttune run` output folder (its `adapter/`, else its `model/`), resolved by
+models/folders.py as every command resolves it. The tokenizer comes from
 the adapter folder when it has one (a run saves it there), else from the base.
 
 Outputs never overwrite: an existing output is an error unless `force=True`. Everything is written
@@ -30,43 +31,13 @@ import tempfile
 from pathlib import Path
 
 from fasttune.errors import FasttuneError
-from fasttune.models.weights import parse_dtype, read_json
+from fasttune.models.folders import resolve_source
+from fasttune.models.weights import parse_dtype
 
 log = logging.getLogger("fasttune")
 
 FORMATS = ("hf", "peft", "merged", "gguf")
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # --dtype's names
-
-
-def resolve_source(
-    model_dir: str | os.PathLike, adapter: str | os.PathLike | None
-) -> tuple[Path, Path | None]:
-    """(base model folder, adapter folder or None) from what the user named."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FasttuneError(f"{model_dir}: not a folder (a model folder, an adapter folder or a run folder)")
-    if not (model_dir / "config.json").exists() and not (model_dir / "adapter_config.json").exists():
-        for sub in ("model", "adapter"):  # a `fasttune run` output folder
-            if (model_dir / sub / "config.json").exists() or (
-                model_dir / sub / "adapter_config.json"
-            ).exists():
-                model_dir = model_dir / sub
-                break
-    if (model_dir / "adapter_config.json").exists():
-        if adapter is not None:
-            raise FasttuneError(f"{model_dir} is an adapter folder; give the base model with --model")
-        base = read_json(model_dir / "adapter_config.json").get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise FasttuneError(
-                f"{model_dir / 'adapter_config.json'}: base_model_name_or_path={base!r} is not a local "
-                "folder; name the base model with --model and this folder with --adapter"
-            )
-        return Path(base), model_dir
-    if not (model_dir / "config.json").exists():
-        raise FasttuneError(
-            f"{model_dir}: no config.json or adapter_config.json (nor model/ or adapter/ from a run)"
-        )
-    return model_dir, (Path(adapter) if adapter is not None else None)
 
 
 def _load_tokenizer(base: Path, adapter: Path | None, required: bool):
@@ -137,7 +108,7 @@ def export(
 
     if format not in FORMATS:
         raise FasttuneError(f"export format must be one of {', '.join(FORMATS)}, got {format!r}")
-    base, adapter = resolve_source(model_dir, adapter)
+    base, adapter = resolve_source(model_dir, adapter)  # models/folders.py
     if dtype is not None and format not in ("hf", "merged"):
         raise FasttuneError(f"--dtype applies to the hf and merged formats (gguf: --quant), not {format}")
     if quant != "bf16" and format != "gguf":
