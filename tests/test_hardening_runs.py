@@ -305,7 +305,7 @@ def test_item12_a_killed_run_leaves_no_stale_lock(setup, tmp_path):
     out = tmp_path / "run"
     code = (
         "import os, signal, sys\n"
-        "from fasttune import train\n"
+        "from fasttune.train import loop as train\n"
         "from fasttune.train.config import load_config\n"
         "def die(step, record):\n"
         "    if step == 2:\n"

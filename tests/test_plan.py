@@ -260,11 +260,12 @@ def test_fsdp_divides_the_training_state_and_ddp_does_not():
 
 
 def test_the_strategy_rule_and_state_bytes_agree_with_parallelize():
-    from fasttune.plan.memory import DDP_SHARE
-    from fasttune.train.parallelize import DDP_MEMORY_SHARE
+    from fasttune.plan import memory
+    from fasttune.train import parallelize, strategy
     from fasttune.train.parallelize import training_state_bytes as parallel_state
 
-    assert DDP_SHARE == DDP_MEMORY_SHARE
+    # one rule (train/strategy.py), called by the planner and the run alike
+    assert memory.decide_strategy is parallelize.decide_strategy is strategy.decide_strategy
     for method, precision in (("full", "bf16"), ("full", "bf16-pure"), ("lora", "bf16"), ("lora", "fp32")):
         o = Options(method=method, precision=precision)
         s = shape("qwen2.5-0.5b", o.lora)
