@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from fasttune.cli.main import _without_nproc
+from fasttune.cli.run import _without_nproc
 from fasttune.models.model import CausalLM, ModelConfig
 from fasttune.train import distributed
 from fasttune.train import loop as train

@@ -22,16 +22,11 @@ token ended it) or "length" (max-new-tokens did).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from fasttune.data.packing import with_system_prompt
-from fasttune.data.records import DataError, Problem, report, write_jsonl
+from fasttune.cli.options import add_device, add_dtype, add_sampling, add_system_prompt
 from fasttune.errors import FasttuneError
-from fasttune.eval.generation import generate, load_for_generation
-from fasttune.io.jsonl import DEFAULT_MAX_SEQ_LEN, line_byte_limit, parse_json, read_lines
 
-log = logging.getLogger("fasttune")
 ROLES = ("system", "user", "assistant")
 
 
@@ -44,28 +39,20 @@ def add_subparser(sub) -> None:
     p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT format) over --model")
     p.add_argument("--file", type=Path, help="a JSONL file of prompts: 'input' or 'messages' per line")
     p.add_argument("--out", type=Path, help="write JSONL here (default: print the answers)")
-    p.add_argument(
-        "--system-prompt",
-        default="default",
-        help="'default' (the template's), 'none', or the text of a system prompt",
-    )
+    add_system_prompt(p)
     p.add_argument("--raw", action="store_true", help="encode the prompts as they are, without the template")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling; 1 is off (default: %(default)s)"
-    )
-    p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off (default: %(default)s)")
-    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    add_sampling(p)
     p.add_argument("--batch-size", type=int, help="prompts per batch (default: up to 64)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_dtype(p)
+    add_device(p)
 
 
 def read_prompt_file(path: Path) -> list[dict]:
     """The prompt records of a JSONL file: {"input" or "messages", "reference"?, "meta"}; every bad line is
     reported at once, as `file:line: reason`."""
+    from fasttune.data.records import DataError, Problem, report
+    from fasttune.io.jsonl import DEFAULT_MAX_SEQ_LEN, line_byte_limit, parse_json, read_lines
+
     items, problems = [], []
     for line in read_lines(path, "prompt file", line_byte_limit(DEFAULT_MAX_SEQ_LEN)):
         if line.problem:
@@ -119,6 +106,8 @@ def encode_prompt(tokenizer, item: dict, system_prompt: str, raw: bool) -> list[
     """The token ids of one prompt record: the chat template with the assistant's turn opened, or (raw) the
     text encoded as it is, with the tokenizer's own special tokens (BOS); a raw conversation is its
     messages' contents joined by newlines."""
+    from fasttune.data.packing import with_system_prompt
+
     if raw:
         text = item["input"] if "input" in item else "\n".join(m["content"] for m in item["messages"])
         return tokenizer.encode(text, add_special_tokens=True)
@@ -138,6 +127,9 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 
 def command(args) -> int:
+    from fasttune.data.records import write_jsonl
+    from fasttune.eval.generation import generate, load_for_generation
+
     items = [{"input": p, "reference": None, "meta": {}} for p in args.prompts]
     if args.file is not None:
         items += read_prompt_file(args.file)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fasttune.choices import DATA_FORMATS as FORMATS
 from fasttune.data.synth import normalize_text
 from fasttune.io.jsonl import (
     DEFAULT_MAX_SEQ_LEN,
@@ -41,7 +42,6 @@ from fasttune.io.jsonl import (
     read_lines,
 )
 
-FORMATS = ("io", "messages", "alpaca")
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
 
