@@ -14,7 +14,7 @@ def add_subparser(sub) -> None:
     synth_p = dsub.add_parser("synth", help="write the built-in synthetic proverb corpus as JSONL")
     synth_p.add_argument("--out", type=Path, required=True)
     synth_p.add_argument("--n", type=int, default=36079, help="number of examples (default: %(default)s)")
-    add_seed(synth_p, "corpus")
+    add_seed(synth_p, "the corpus")
     for name, help_text in (
         ("inspect", "counts, lengths, duplicates and diversity of JSONL files"),
         ("prepare", "validate, dedup, split and tokenize JSONL files into --out"),
@@ -47,7 +47,7 @@ def _add_prepare_options(p) -> None:
     p.add_argument(
         "--split", type=float, nargs=3, default=(0.9, 0.05, 0.05), metavar=("TRAIN", "VAL", "TEST")
     )
-    add_seed(p, "split")
+    add_seed(p, "the split")
     p.add_argument("--stratify", default="meta_template", help="metadata key ('' for none)")
     p.add_argument(
         "--skip-bad",

@@ -30,10 +30,8 @@ def add_dtype(p, what: str = "", default: str = "as the checkpoint or config say
     p.add_argument("--dtype", help=f"{what}{', '.join(DTYPES)}, or fp32, bf16, fp16 (default: {default})")
 
 
-def add_seed(p, what: str = "sampling") -> None:
-    p.add_argument(
-        "--seed", type=int, default=SEED, help=f"the random seed of the {what} (default: %(default)s)"
-    )
+def add_seed(p, what: str) -> None:
+    p.add_argument("--seed", type=int, default=SEED, help=f"the seed of {what} (default: %(default)s)")
 
 
 def add_sampling(p) -> None:
@@ -45,7 +43,7 @@ def add_sampling(p) -> None:
         "--top-p", type=float, default=1.0, help="nucleus sampling; 1 is off (default: %(default)s)"
     )
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off (default: %(default)s)")
-    add_seed(p, "sampling (with a temperature above 0)")
+    add_seed(p, "the sampling at temperatures above 0")
 
 
 def add_system_prompt(p) -> None:
