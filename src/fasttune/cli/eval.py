@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from fasttune.choices import SPLITS
 from fasttune.cli.options import add_device, add_dtype, add_sampling
 from fasttune.errors import FasttuneError
 
@@ -35,7 +36,7 @@ def add_subparser(sub) -> None:
     where.add_argument("--model", type=Path, help="a model folder, or a LoRA adapter folder naming its base")
     where.add_argument("--adapter", type=Path, help="a LoRA adapter folder for --model")
     where.add_argument("--data", type=Path, help="a prepared data folder (default with --run: OUT/data)")
-    where.add_argument("--split", default="test", choices=("train", "val", "test"))
+    where.add_argument("--split", default="test", choices=SPLITS)
     where.add_argument(
         "--out", type=Path, help="the JSON report (default: OUT/eval.json with --run, else eval.json)"
     )

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.choices import DATA_FORMATS as FORMATS
+from fasttune.choices import SPLITS
 from fasttune.data.synth import normalize_text
 from fasttune.io.jsonl import (
     DEFAULT_MAX_SEQ_LEN,
@@ -43,7 +44,6 @@ from fasttune.io.jsonl import (
 )
 
 ROLES = ("system", "user", "assistant")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

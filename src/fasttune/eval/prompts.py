@@ -14,10 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fasttune.data.packing import with_system_prompt
-from fasttune.data.records import DataError, Problem, report
+from fasttune.data.records import ROLES, DataError, Problem, report
 from fasttune.io.jsonl import DEFAULT_MAX_SEQ_LEN, line_byte_limit, parse_json, read_lines
-
-ROLES = ("system", "user", "assistant")
 
 
 def read_prompt_file(path: Path) -> list[dict]:
