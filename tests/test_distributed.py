@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from fasttune.cli.main import _without_nproc
+from fasttune.cli.run import _without_nproc
 from fasttune.models.model import CausalLM, ModelConfig
 from fasttune.train import distributed
 from fasttune.train import loop as train
@@ -227,7 +227,7 @@ def test_ranks_agree_when_any_has_a_geforce_card(tmp_path):
         "import sys\n"
         "import torch.distributed as dist\n"
         "from helpers import write_rank_result\n"
-        "from fasttune import distributed\n"
+        "from fasttune.train import distributed\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "answer = [distributed.agree_any(rank == 1), distributed.agree_any(False)]\n"

@@ -9,13 +9,13 @@ import torch
 
 import fasttune
 from conftest import FAMILIES, write_checkpoint
-from fasttune.cli.generate import read_prompt_file
 from fasttune.cli.main import main
 from fasttune.data import corpus
 from fasttune.data.packing import TokenizeOptions
 from fasttune.data.records import DataError, read_jsonl, read_sources
 from fasttune.eval.evaluate import read_records
 from fasttune.eval.judge import JudgeCache
+from fasttune.eval.prompts import read_prompt_file
 from fasttune.models.tokenizer import builtin_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

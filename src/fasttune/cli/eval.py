@@ -16,13 +16,14 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from fasttune.choices import SPLITS
+from fasttune.cli.options import add_device, add_dtype, add_sampling
 from fasttune.errors import FasttuneError
-from fasttune.eval import judge
-from fasttune.eval.evaluate import evaluate_run, write_report
-from fasttune.train.config import EVAL_EXAMPLES
 
 
 def add_subparser(sub) -> None:
+    from fasttune.train.config import EVAL_EXAMPLES  # torch-free: the parser is built before torch loads
+
     p = sub.add_parser(
         "eval",
         help="loss, perplexity and generation metrics on a prepared split; optionally an LLM judge",
@@ -35,12 +36,12 @@ def add_subparser(sub) -> None:
     where.add_argument("--model", type=Path, help="a model folder, or a LoRA adapter folder naming its base")
     where.add_argument("--adapter", type=Path, help="a LoRA adapter folder for --model")
     where.add_argument("--data", type=Path, help="a prepared data folder (default with --run: OUT/data)")
-    where.add_argument("--split", default="test", choices=("train", "val", "test"))
+    where.add_argument("--split", default="test", choices=SPLITS)
     where.add_argument(
         "--out", type=Path, help="the JSON report (default: OUT/eval.json with --run, else eval.json)"
     )
-    where.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    where.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the model's config)")
+    add_device(where)
+    add_dtype(where)
     where.add_argument(
         "--micro-batch-tokens",
         type=int,
@@ -55,12 +56,7 @@ def add_subparser(sub) -> None:
         help=f"generate for the first N examples (default: {EVAL_EXAMPLES}, as a run's own evaluation)",
     )
     gen.add_argument("--all", action="store_true", help="generate for every example of the split")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    add_sampling(gen)
     gen.add_argument("--batch-size", type=int, help="prompts per generation batch (default: up to 64)")
     cmp_ = p.add_argument_group("comparison")
     cmp_.add_argument(
@@ -87,9 +83,11 @@ def add_subparser(sub) -> None:
 
 
 def _model_path(run: Path) -> Path:
-    for name in ("adapter", "model"):
-        if (run / name).is_dir():
-            return run / name
+    from fasttune.models.folders import run_output  # the rule generate and export use too
+
+    found = run_output(run)
+    if found is not None:
+        return found
     raise FasttuneError(f"--run {run}: neither {run}/adapter nor {run}/model exists (has the run finished?)")
 
 
@@ -111,6 +109,8 @@ def _resolve(args) -> tuple[Path, Path, Path]:
 def _judge_setup(args, out: Path):
     """(client, rubric, pairwise prompt, cache), all checked before any model is loaded; None without a
     judge URL."""
+    from fasttune.eval import judge
+
     if args.judge_url is None:
         given = [f for f in ("judge_model", "rubric", "pairwise_prompt", "judge_api_key_env", "judge_cache")
                  if getattr(args, f) is not None]  # fmt: skip
@@ -139,12 +139,15 @@ def _judge_setup(args, out: Path):
 
 def _max_examples(args) -> int | None:
     """How many prompts to generate for: --max-examples N, every one with --all, else the run's default."""
+    from fasttune.train.config import EVAL_EXAMPLES
+
     if args.all:
         return None
     return EVAL_EXAMPLES if args.max_examples is None else args.max_examples
 
 
 def _evaluate(path: Path, adapter: Path | None, data: Path, args) -> dict:
+    from fasttune.eval.evaluate import evaluate_run
     from fasttune.eval.generation import load_for_generation
 
     model, tokenizer = load_for_generation(path, adapter=adapter, dtype=args.dtype, device=args.device)
@@ -171,7 +174,9 @@ def _evaluate(path: Path, adapter: Path | None, data: Path, args) -> dict:
     return report
 
 
-def _items(report: dict) -> list[judge.Item]:
+def _items(report: dict) -> list:
+    from fasttune.eval import judge
+
     return [judge.Item(g["instruction"], g["generation"], g["reference"]) for g in report["generations"]]
 
 
@@ -204,6 +209,9 @@ def _print_summary(name: str, r: dict) -> None:
 
 
 def command(args) -> int:
+    from fasttune.eval import judge
+    from fasttune.eval.evaluate import write_report
+
     model, data, out = _resolve(args)
     if args.max_examples is not None and args.max_examples < 0:
         raise FasttuneError(f"--max-examples must be >= 0, got {args.max_examples}")
@@ -248,6 +256,8 @@ def command(args) -> int:
 
 def _pairwise(client, report: dict, template, cache, workers: int) -> list[dict]:
     """The first model against the second on the prompts both generated for (matched by record)."""
+    from fasttune.eval import judge
+
     theirs = {g["index"]: g for g in report["compare"]["generations"]}
     mine = [g for g in report["generations"] if g["index"] in theirs]
     results = judge.compare_pairs(
@@ -263,6 +273,3 @@ def _pairwise(client, report: dict, template, cache, workers: int) -> list[dict]
     for g, r in zip(mine, results, strict=True):
         g["pairwise"] = r["result"]
     return results
-
-
-__all__ = ["add_subparser", "command"]

@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttune.choices import TOO_LONG
 from fasttune.data.records import DataError, Example, Problem, report
 from fasttune.models.tokenizer import Tokenizer
-
-TOO_LONG = ("drop", "truncate", "error")
 
 
 @dataclass

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fasttune.choices import DATA_FORMATS as FORMATS
+from fasttune.choices import SPLITS
 from fasttune.data.text_stats import normalize_text
 from fasttune.io.atomic import atomic_file
 from fasttune.io.jsonl import (
@@ -41,9 +43,7 @@ from fasttune.io.jsonl import (
     read_lines,
 )
 
-FORMATS = ("io", "messages", "alpaca")
 ROLES = ("system", "user", "assistant")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

@@ -46,12 +46,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fasttune.choices import GGUF_QUANTS as QUANTS
 from fasttune.errors import ConfigError, FasttuneError, TokenizerError
 
 log = logging.getLogger("fasttune")
 
 GGUF_ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}  # config model_type -> GGUF arch
-QUANTS = ("f32", "f16", "bf16", "q8_0")
 Q8_BLOCK = 32
 _ENCODE_VALUES = 1 << 22  # values converted at a time (temporaries of ~50 MB)
 

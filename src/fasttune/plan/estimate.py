@@ -22,7 +22,6 @@ matches the most of model / activation checkpointing / compile is used, the late
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import torch
 
 from fasttune.choices import METHODS
 from fasttune.errors import FasttuneError
-from fasttune.models.lora import LoraConfig
 from fasttune.models.model import CausalLM, ModelConfig
 from fasttune.plan.memory import GIB, Options, Row, Shape, choose_strategy, memory_rows
 from fasttune.plan.tables import GPU, GPUS, SHAPES
@@ -405,73 +403,3 @@ def plan_for_run(
 
         text += "\n" + host_plan_for_config(cfg).describe()
     return text
-
-
-def add_subparser(sub) -> None:
-    p = sub.add_parser("plan", help="memory per GPU and time per epoch for a model, method, batch and GPU")
-    p.add_argument("--model", required=True, help=f"a model folder or a shape: {', '.join(SHAPES)}")
-    p.add_argument("--method", choices=METHODS, default="full")
-    p.add_argument("--gpu", default="rtx4090", help=f"one of {', '.join(GPUS)} (default: %(default)s)")
-    p.add_argument("--nproc", type=int, default=1, help="GPUs (default: %(default)s)")
-    p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default="auto")
-    p.add_argument("--cpu-offload", action="store_true", help="FSDP: shards and optimizer on the host")
-    p.add_argument("--tokens-per-step", type=int, default=16384, help="all GPUs (default: %(default)s)")
-    p.add_argument(
-        "--micro-batch-tokens", type=int, help="per GPU per forward (default: tokens per step / nproc)"
-    )
-    p.add_argument("--seq-len", type=float, help="mean tokens per document (default: the data's, else 2048)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="for --data JSONL (default: %(default)s)")
-    p.add_argument("--precision", choices=("bf16", "bf16-pure", "fp32"), default="bf16")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--kernels", choices=("triton", "torch"), default="triton")
-    p.add_argument(
-        "--attention", choices=("sdpa", "flash"), default="sdpa", help="flash: flash-attn installed"
-    )
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", nargs="+", default=list(LoraConfig().targets))
-    p.add_argument("--dataset-tokens", type=float, help="tokens in the training data (one epoch)")
-    p.add_argument("--data", type=Path, help="a prepared data folder (prepare.json) or a JSONL file")
-    p.add_argument("--mfu", type=float, help="use this MFU (0-1) instead of a measured or assumed one")
-    p.add_argument("--results", type=Path, default=RESULTS, help="where measured MFUs are looked for")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def command(args) -> int:
-    config, name = resolve_model(args.model)
-    gpu = resolve_gpu(args.gpu)
-    if args.nproc < 1 or args.tokens_per_step < 1 or (args.mfu is not None and not 0 < args.mfu <= 1):
-        raise FasttuneError("--nproc and --tokens-per-step must be >= 1, and --mfu in (0, 1]")
-    if args.dataset_tokens is not None and args.data is not None:
-        raise FasttuneError("give --dataset-tokens or --data, not both")
-    micro = args.micro_batch_tokens or math.ceil(args.tokens_per_step / args.nproc)
-    epoch_tokens, source, seq_len = args.dataset_tokens, "--dataset-tokens", args.seq_len
-    if args.data is not None:
-        folder = Path(args.model) if Path(args.model).is_dir() else None
-        epoch_tokens, mean, source = data_tokens(args.data, folder, args.max_seq_len, micro)
-        seq_len = seq_len or mean
-    o = Options(
-        method=args.method,
-        precision=args.precision,
-        micro_batch_tokens=micro,
-        tokens_per_step=args.tokens_per_step,
-        seq_len=seq_len or 2048.0,
-        activation_checkpointing=args.activation_checkpointing,
-        compile=args.compile,
-        kernels=args.kernels,
-        attention=args.attention,
-        nproc=args.nproc,
-        strategy=args.strategy,
-        cpu_offload=args.cpu_offload,
-        lora=LoraConfig(
-            r=args.lora_r, alpha=2 * args.lora_r, dropout=args.lora_dropout, targets=tuple(args.lora_targets)
-        ),
-    )
-    shape = Shape.of(config, o.lora, name)
-    plan = make_plan(shape, o, gpu, None, epoch_tokens, source, args.mfu, args.results)
-    if args.json:
-        print(json.dumps(plan.to_json() | {"hints": hints(shape, o, gpu, plan)}, indent=2))
-    else:
-        print(format_plan(plan, hints(shape, o, gpu, plan)))
-    return 0

@@ -33,7 +33,6 @@ import bisect
 import copy
 import difflib
 import json
-import logging
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from fasttune import regions as marks
+from fasttune.choices import OPS
 from fasttune.devices import resolve_device
 from fasttune.errors import FasttuneError
 from fasttune.regions import PREFIX, REGIONS
@@ -397,7 +397,6 @@ def print_report(report: ProfileReport, file=None) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # profile_op: one op, Triton against its PyTorch reference
 
-OPS = ("rms_norm", "rope", "swiglu", "linear_cross_entropy", "lora_linear")
 # What a shape tuple of each op means, and the defaults: tiny on the CPU (Triton's interpreter runs a
 # program at a time in Python), Qwen2.5-0.5B's sizes at 4k, 16k and 32k tokens on a GPU.
 SHAPE_DIMS = {
@@ -622,79 +621,6 @@ def print_op_table(rows: list[dict], file=None) -> None:
         notes.add(INTERPRETER_NOTE)
     for n in sorted(notes):
         print(f"note: {n}", file=file)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command: `fasttune profile [config.yaml] [key=value ...]` and `fasttune profile --op NAME`
-
-
-def add_subparser(sub) -> None:
-    p = sub.add_parser(
-        "profile",
-        help="training steps under torch.profiler (a Perfetto trace, the top ops, the shares of the step), "
-        "or one op across shapes with --op",
-    )
-    p.add_argument("config", nargs="?", help="a YAML config, as for `run` (default: the built-in tiny run)")
-    p.add_argument("overrides", nargs="*", help="key=value or ~key, as for `run`")
-    p.add_argument("--steps", type=int, default=5, help="steps to record (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="steps run first, unrecorded (default: %(default)s)")
-    p.add_argument("--top", type=int, default=15, help="ops to list (default: %(default)s)")
-    p.add_argument("--out", type=Path, help="output folder (default: <output_dir>/profile)")
-    p.add_argument("--op", metavar="NAME", help=f"time one op instead: {', '.join(OPS)}")
-    p.add_argument(
-        "--shape",
-        action="append",
-        metavar="AxB...",
-        help="with --op: a shape, e.g. 4096x896 for rms_norm (repeatable; default: a set for the device)",
-    )
-    p.add_argument(
-        "--dtype", help="with --op: float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 CPU)"
-    )
-    p.add_argument("--device", help="with --op: cpu or cuda (default: cuda when available)")
-    p.add_argument("--reps", type=int, default=5, help="with --op on the CPU: timed runs (default: 5)")
-
-
-def command(args) -> int:
-    logger = logging.getLogger("fasttune")
-    level = logger.level
-    logger.setLevel(logging.INFO)  # say what runs (kernels, attention, AdamW), as `run` does
-    try:
-        return _command(args)
-    finally:
-        logger.setLevel(level)
-
-
-def _command(args) -> int:
-    if args.op is not None:
-        if args.config is not None or args.overrides:
-            raise FasttuneError("profile --op times one op: it takes no config or overrides")
-        shapes = None
-        if args.shape:
-            try:
-                shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shape]
-            except ValueError:
-                raise FasttuneError(
-                    f"--shape: expected sizes joined by x, e.g. 4096x896; got {args.shape}"
-                ) from None
-        _check_op(args.op)
-        from fasttune.profiling.interpreter import interpreter_for_cpu
-
-        rerun = interpreter_for_cpu(args)
-        if rerun is not None:
-            return rerun
-        rows = profile_op(args.op, shapes, args.dtype, args.device, args.reps)
-        print_op_table(rows)
-        return 0
-    from fasttune.train.config import load_config
-
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # `fasttune profile key=value ...` with no file
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
-    report = profile_run(cfg, steps=args.steps, warmup=args.warmup, out_dir=args.out, top=args.top)
-    print()
-    print_report(report)
-    return 0
 
 
 __all__ = [
