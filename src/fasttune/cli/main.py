@@ -312,22 +312,10 @@ def dry_run(cfg, nproc: int = 1, gpu: str | None = None, shape: str | None = Non
 
 
 def bench_command(args: list[str]) -> int:
-    """`fasttune bench` runs benchmarks/e2e/bench.py, which lives in the source tree, not the package."""
-    script = Path(__file__).resolve().parents[3] / "benchmarks" / "e2e" / "bench.py"
-    if not script.is_file():
-        raise FasttuneError(
-            "fasttune bench runs from a source checkout: benchmarks/e2e/ is not installed with "
-            "the package (pip install -e . from a clone)"
-        )
-    import runpy
-    import sys as _sys
+    """`fasttune bench`: the benchmark's own parser and runner (fasttune.bench.cli)."""
+    from fasttune.bench.cli import main as bench_main
 
-    _sys.argv = [str(script), *args]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
