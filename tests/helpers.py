@@ -16,7 +16,118 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+QWEN_FIXTURE = FIXTURES / "qwen2.5-0.5b-instruct"
+TEMPLATES = FIXTURES / "chat-templates"
+
+# Tiny configs, one per supported family and head layout, with sizes that are not powers of two.
+FAMILIES = {
+    # Qwen2/2.5: QKV bias, GQA 6:2, tied head (as Qwen2.5-0.5B).
+    "qwen2_tied": (
+        "Qwen2",
+        dict(
+            vocab_size=131,
+            hidden_size=60,
+            intermediate_size=84,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    # Qwen2 untied, GQA 5:1, hd 8.
+    "qwen2_untied": (
+        "Qwen2",
+        dict(
+            vocab_size=101,
+            hidden_size=40,
+            intermediate_size=72,
+            num_hidden_layers=3,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen3: q/k RMSNorm, explicit head_dim (12, not hidden/heads = 8), no bias, tied.
+    "qwen3": (
+        "Qwen3",
+        dict(
+            vocab_size=127,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            head_dim=12,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # Llama 3.1-style: no bias, 7 heads (MHA), untied, llama3 RoPE scaling.
+    "llama": (
+        "Llama",
+        dict(
+            vocab_size=113,
+            hidden_size=56,
+            intermediate_size=90,
+            num_hidden_layers=2,
+            num_attention_heads=7,
+            num_key_value_heads=7,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    # Mistral: a sliding window shorter than the test sequences.
+    "mistral": (
+        "Mistral",
+        dict(
+            vocab_size=109,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=16,
+        ),
+    ),
+}
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model of `family` with every parameter random (biases and norm weights included, so
+    that a parity test cannot pass by zeros or ones)."""
+    import transformers
+
+    prefix, kw = FAMILIES[family]
+    cfg = getattr(transformers, f"{prefix}Config")(**{**kw, "max_position_embeddings": 512, **overrides})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def write_checkpoint(path: Path, family: str, dtype=torch.float32, seed: int = 0, **save_kwargs):
+    """Save a random transformers model of `family` to `path`; returns the fp32 model."""
+    model = hf_model(family, seed)
+    model.to(dtype).save_pretrained(path, **save_kwargs)
+    return model.float()
 
 
 def torchrun_env(log_dir: Path, **extra: str) -> dict[str, str]:
@@ -74,3 +185,52 @@ def read_rank_results(folder: Path, nproc: int) -> list:
         assert path.is_file(), f"rank {rank} wrote no result ({path})"
         out.append(json.loads(path.read_text()))
     return out
+
+
+def tiny_run_overrides(setup: Path, out, *extra: str, **keys) -> list[str]:
+    """`fasttune run` overrides of a tiny CPU run on the `setup` fixture's model and corpus (fp32, 512-token
+    micro-batches, lr 1e-3), then `keys` as key=value (each test's own: warmup, max_steps, ...), then
+    `extra` (key=value or ~key strings, last so that they win)."""
+    return [
+        f"model={setup / 'model'}",
+        f"data.files=[{setup / 'data.jsonl'}]",
+        f"output_dir={out}",
+        "precision=fp32",
+        "device=cpu",
+        "micro_batch_tokens=512",
+        "max_seq_len=512",
+        "data.system_prompt=none",
+        "lr=1e-3",
+        *(f"{k}={v}" for k, v in keys.items()),
+        *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a kernel against fp64
+
+
+BF16_DOT_SKIP = (
+    "Triton's interpreter computes tl.dot on bf16 inputs wrongly (it multiplies the bit "
+    "patterns; triton-lang/triton#11584): bf16 dot kernels are checked on a GPU"
+)
+
+
+def dot_dtype_skip(dtype, device="cpu"):
+    """Skip marker reason for bf16 cases of tl.dot kernels in the interpreter, else None."""
+    if dtype == torch.bfloat16 and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return BF16_DOT_SKIP
+    return None
+
+
+def assert_fp64_close(
+    name: str, got: torch.Tensor, torch_same_dtype: torch.Tensor, exact: torch.Tensor, factor: float = 2.0
+) -> None:
+    """The kernel's max error against the fp64 result is at most `factor` x the PyTorch reference's
+    error in the same dtype (plus a few ulps of the result's scale, for when that error is ~0)."""
+    assert got.shape == exact.shape, (name, got.shape, exact.shape)
+    assert got.dtype == torch_same_dtype.dtype, (name, got.dtype, torch_same_dtype.dtype)
+    err = (got.double() - exact).abs().max().item()
+    ref = (torch_same_dtype.double() - exact).abs().max().item()
+    floor = 4 * torch.finfo(got.dtype).eps * max(exact.abs().max().item(), 1e-30)
+    assert err <= factor * ref + floor, f"{name}: kernel error {err:.3e} > {factor} x reference's {ref:.3e}"

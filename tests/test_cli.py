@@ -2,9 +2,9 @@
 
 import pytest
 
-from conftest import write_checkpoint
 from fasttune.cli.main import main
 from fasttune.models.tokenizer import write_builtin_tokenizer
+from helpers import write_checkpoint
 
 
 def test_info_reports_the_environment(capsys):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,30 +27,20 @@ from fasttune.train.checkpoint import find_latest
 from fasttune.train.config import load_config
 from fasttune.train.distributed import SINGLE, Dist
 from fasttune.train.parallelize import choose_strategy, training_state_bytes
-from helpers import rank_logs, read_rank_results, torchrun, torchrun_env
+from helpers import rank_logs, read_rank_results, tiny_run_overrides, torchrun, torchrun_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def overrides(setup, out, *extra) -> list[str]:
-    return [
-        f"model={setup / 'model'}",
-        f"data.files=[{setup / 'data.jsonl'}]",
-        f"output_dir={out}",
-        "precision=fp32",
-        "device=cpu",
-        "micro_batch_tokens=512",
-        "max_seq_len=512",
-        "tokens_per_step=1024",  # the global batch: 2 micro-batches, one per rank (or both in one process)
-        "data.system_prompt=none",
-        "lr=1e-3",
-        "warmup=0.1",
-        "eval_every=5",
-        "save_every=5",
-        "samples=0",
-        "max_steps=10",
-        *extra,
-    ]
+overrides = partial(
+    tiny_run_overrides,
+    tokens_per_step=1024,  # the global batch: 2 micro-batches, one per rank (or both in one process)
+    warmup=0.1,
+    eval_every=5,
+    save_every=5,
+    samples=0,
+    max_steps=10,
+)
 
 
 def _log_dir(out) -> Path:

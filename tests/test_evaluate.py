@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import fasttune
-from conftest import hf_model
 from fasttune.cli.main import main
 from fasttune.data import corpus, synth
 from fasttune.data.packing import TokenizedData, TokenizeOptions, tokenize
@@ -32,6 +31,7 @@ from fasttune.eval.evaluate import (
 )
 from fasttune.eval.generation import greedy_nocache
 from fasttune.models.tokenizer import write_builtin_tokenizer
+from helpers import hf_model
 from test_judge import server  # noqa: F401 (the local judge server fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

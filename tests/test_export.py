@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES as FAMILIES_CFG
-from conftest import hf_model
 from fasttune.cli.main import main as cli_main
 from fasttune.data import synth
 from fasttune.errors import FasttuneError, TokenizerError
@@ -23,6 +21,8 @@ from fasttune.models.lora import LoraConfig, apply_lora, save_adapter
 from fasttune.models.model import rope_inv_freq
 from fasttune.models.tokenizer import BUILTIN_DIR, Tokenizer, load_tokenizer
 from fasttune.models.weights import load_model
+from helpers import FAMILIES as FAMILIES_CFG
+from helpers import hf_model
 
 try:
     import gguf
@@ -42,7 +42,7 @@ T = gguf.GGMLQuantizationType if gguf is not None else None
 IDS = torch.tensor([[3, 17, 42, 5, 99, 23, 8, 61, 7, 30, 2, 11]])
 
 # Shapes for Q8_0: every weight row (the input dim) a multiple of Q8_0's block of 32. Head layouts kept
-# from conftest's FAMILIES: GQA, an untied head, Qwen3's explicit head_dim (24, not H / n_q = 16).
+# from helpers' FAMILIES: GQA, an untied head, Qwen3's explicit head_dim (24, not H / n_q = 16).
 Q8_SHAPES = {
     "qwen2_tied": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
     "qwen2_untied": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1),
@@ -378,7 +378,7 @@ def test_gguf_q8_0_within_its_error_bound(tmp_path, family):
 
 @needs_gguf
 def test_gguf_q8_0_rows_not_multiple_of_32_fall_back_to_f16(tmp_path):
-    """conftest's own qwen2_tied shapes (H 60, I 84): no 2-D weight has rows that split into blocks of 32,
+    """helpers' own qwen2_tied shapes (H 60, I 84): no 2-D weight has rows that split into blocks of 32,
     so each is F16, as llama.cpp's converter falls back, and equals the source rounded to fp16."""
     make_checkpoint(tmp_path / "src", "qwen2_tied", q8_shapes=False)
     out = export(tmp_path / "src", tmp_path / "m.gguf", "gguf", quant="q8_0")

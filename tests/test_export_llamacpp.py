@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, hf_model
 from fasttune.export.formats import export
 from fasttune.export.gguf import gguf_tensor_name
 from fasttune.models.tokenizer import load_tokenizer
 from fasttune.models.weights import load_model
+from helpers import FIXTURES, hf_model
 from test_export import LINEAR_ROPE, make_checkpoint, small_tokenizer
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional dependency (pip install gguf)")

@@ -10,7 +10,6 @@ import torch
 import transformers
 
 import fasttune
-from conftest import FAMILIES, hf_model, write_checkpoint
 from fasttune.cli.main import main
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.eval.generation import (
@@ -24,6 +23,7 @@ from fasttune.eval.generation import (
 )
 from fasttune.models.lora import LoraConfig, apply_lora, save_adapter
 from fasttune.models.tokenizer import write_builtin_tokenizer
+from helpers import FAMILIES, hf_model, write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import uuid
+from functools import partial
 
 import pytest
 
@@ -19,31 +20,16 @@ from fasttune.cli.main import main
 from fasttune.train import loop as train
 from fasttune.train.checkpoint import find_latest
 from fasttune.train.config import load_config
+from helpers import tiny_run_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 STEP2, STEP4 = "step-00000002", "step-00000004"
 
 
-def overrides(setup, out, *extra):
-    return [
-        f"model={setup / 'model'}",
-        f"data.files=[{setup / 'data.jsonl'}]",
-        f"output_dir={out}",
-        "precision=fp32",
-        "device=cpu",
-        "micro_batch_tokens=512",
-        "max_seq_len=512",
-        "data.system_prompt=none",
-        "lr=1e-3",
-        "warmup=0.1",
-        "eval_every=1000",
-        "save_every=2",
-        "samples=0",
-        "eval_examples=0",
-        "max_steps=6",
-        *extra,
-    ]
+overrides = partial(
+    tiny_run_overrides, warmup=0.1, eval_every=1000, save_every=2, samples=0, eval_examples=0, max_steps=6
+)
 
 
 def config(setup, out, *extra):

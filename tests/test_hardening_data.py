@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import fasttune
-from conftest import FAMILIES, write_checkpoint
 from fasttune.cli.main import main
 from fasttune.data import corpus
 from fasttune.data.packing import TokenizeOptions
@@ -17,6 +16,7 @@ from fasttune.eval.evaluate import read_records
 from fasttune.eval.judge import JudgeCache
 from fasttune.eval.prompts import read_prompt_file
 from fasttune.models.tokenizer import builtin_tokenizer
+from helpers import FAMILIES, write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -205,8 +205,8 @@ def test_item16_cpu_run_host_peak_is_within_1_3x_of_the_planned(setup, tmp_path)
     """A scaled-down large-vocabulary model (V = 65,536, as the [T, V] logits dominate Qwen2.5-0.5B's CPU
     step) at 1,024-token micro-batches: the run's measured high-water mark of RSS (VmHWM, the child
     process's whole life) is at most 1.3x what the planner predicts for the host, and not far below it."""
-    from conftest import hf_model
     from fasttune.profiling.host_memory import peak_rss_bytes
+    from helpers import hf_model
 
     if peak_rss_bytes() is None:
         pytest.skip("no /proc/self/status VmHWM here")

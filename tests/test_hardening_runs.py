@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 
@@ -18,29 +19,14 @@ from fasttune.train.config import RunConfig, load_config, validate
 from fasttune.train.config_diff import compare_configs
 from fasttune.train.distributed import split_global_batch
 from fasttune.train.run_folder import LOCK, RunFolderError
+from helpers import tiny_run_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def overrides(setup, out, *extra) -> list[str]:
-    return [
-        f"model={setup / 'model'}",
-        f"data.files=[{setup / 'data.jsonl'}]",
-        f"output_dir={out}",
-        "precision=fp32",
-        "device=cpu",
-        "micro_batch_tokens=512",
-        "max_seq_len=512",
-        "data.system_prompt=none",
-        "lr=1e-3",
-        "warmup=0.1",
-        "eval_every=1000",
-        "save_every=1000",
-        "samples=0",
-        "eval_examples=0",
-        "max_steps=3",
-        *extra,
-    ]
+overrides = partial(
+    tiny_run_overrides, warmup=0.1, eval_every=1000, save_every=1000, samples=0, eval_examples=0, max_steps=3
+)
 
 
 def config(setup, out, *extra):

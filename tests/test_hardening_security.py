@@ -22,11 +22,11 @@ import pytest
 import torch
 
 import fasttune
-from conftest import write_checkpoint
 from fasttune.errors import CheckpointError, ConfigError, TokenizerError
 from fasttune.eval.judge import Item, JudgeCache, JudgeClient, load_template, score_items
 from fasttune.models.model import ModelConfig
 from fasttune.models.tokenizer import Tokenizer, builtin_tokenizer, write_builtin_tokenizer
+from helpers import write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fasttune
-from conftest import write_checkpoint
 from fasttune.errors import CheckpointError, ConfigError
 from fasttune.models.lora import (
     LoraConfig,
@@ -29,6 +28,7 @@ from fasttune.models.lora import (
     save_adapter,
 )
 from fasttune.models.model import CausalLM
+from helpers import write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 21, 8], [7, 1, 2, 88, 30, 11, 9, 4, 50]])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fasttune
-from conftest import QWEN_FIXTURE
 from fasttune.models.model import ModelConfig
 from fasttune.train import metrics
+from helpers import QWEN_FIXTURE
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fasttune
-from conftest import FAMILIES, hf_model, write_checkpoint
 from fasttune.models.kernels import apply_kernels
 from fasttune.models.model import ModelConfig, default_position_ids
+from helpers import FAMILIES, hf_model, write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import fasttune
-from conftest import hf_model
 from fasttune.data.packing import (
     PackedSampler,
     TokenizedData,
@@ -20,6 +19,7 @@ from fasttune.data.packing import (
 from fasttune.data.records import DataError, Example
 from fasttune.models.model import ModelConfig
 from fasttune.models.tokenizer import builtin_tokenizer
+from helpers import hf_model
 
 
 @pytest.fixture(scope="module")

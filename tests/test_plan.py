@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from conftest import FAMILIES  # noqa: F401  (conftest sets up Triton's interpreter first)
 from fasttune.cli.main import main
 from fasttune.models.kernels import apply_kernels
 from fasttune.models.lora import LoraConfig, apply_lora

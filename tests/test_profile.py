@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import fasttune.profiling.op as prof_op
 import fasttune.profiling.profile as prof
 from fasttune import regions as marks
 from fasttune.cli.main import main
@@ -229,10 +230,10 @@ def test_the_command_times_an_op(capsys):
     assert "8x48" in out and "triton" in out and "torch" in out and "interpreter" in out
 
 
-@pytest.mark.parametrize("op", prof.OPS)
+@pytest.mark.parametrize("op", prof_op.OPS)
 def test_profile_op_times_both_implementations(op):
-    shape = prof.CPU_SHAPES[op][0]
-    rows = prof.profile_op(op, shapes=[shape], device="cpu", reps=2)
+    shape = prof_op.CPU_SHAPES[op][0]
+    rows = prof_op.profile_op(op, shapes=[shape], device="cpu", reps=2)
     assert [r["impl"] for r in rows] == ["triton", "torch"]
     for r in rows:
         assert r["op"] == op and r["shape"] == "x".join(map(str, shape)) and r["dtype"] == "float32"
@@ -243,6 +244,6 @@ def test_profile_op_times_both_implementations(op):
 
 def test_profile_op_refuses_unknown_ops_and_bad_shapes():
     with pytest.raises(FasttuneError, match=r"unknown op 'swish'.*ops: rms_norm, rope, swiglu"):
-        prof.profile_op("swish")
+        prof_op.profile_op("swish")
     with pytest.raises(FasttuneError, match=r"a shape is tokens x H \(positive\), got 8x64x2"):
-        prof.profile_op("rms_norm", shapes=[(8, 64, 2)], device="cpu")
+        prof_op.profile_op("rms_norm", shapes=[(8, 64, 2)], device="cpu")

@@ -19,7 +19,6 @@ pytest.importorskip("bitsandbytes")
 import transformers  # noqa: E402
 
 import fasttune  # noqa: E402
-from conftest import dot_dtype_skip, write_checkpoint  # noqa: E402
 from fasttune.errors import ConfigError  # noqa: E402
 from fasttune.eval.generation import greedy_nocache  # noqa: E402
 from fasttune.models.lora import LoraConfig, LoraLinear, count_parameters, lora_parameters, save_adapter  # noqa: E402
@@ -34,6 +33,7 @@ from fasttune.models.qlora import (  # noqa: E402
 )
 from fasttune.train import loop as train  # noqa: E402
 from fasttune.train.config import load_config  # noqa: E402
+from helpers import dot_dtype_skip, write_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -4,24 +4,20 @@ and a change to the step (its guard, or a non-finite loss) is seen by the gate's
 `fasttune run` sees it."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fasttune
+from fasttune.bench import gate, runners
+from fasttune.bench.workloads import tiny_workload
 from fasttune.data.packing import TokenizeOptions, collate, tokenize
 from fasttune.data.records import read_sources
 from fasttune.train import loop as train
 from fasttune.train import step as one_step
 from fasttune.train.config import load_config
 from fasttune.train.parallelize import Parallel
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks" / "e2e"))
-
-import gate  # noqa: E402
-import runners  # noqa: E402
+from helpers import tiny_run_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -33,22 +29,7 @@ GUARD_SENTENCE = re.compile(
 
 def run_config(setup, out, *overrides):
     return load_config(
-        None,
-        [
-            f"model={setup / 'model'}",
-            f"data.files=[{setup / 'data.jsonl'}]",
-            f"output_dir={out}",
-            "precision=fp32",
-            "device=cpu",
-            "micro_batch_tokens=512",
-            "max_seq_len=512",
-            "data.system_prompt=none",
-            "lr=1e-3",
-            "eval_every=1000",
-            "save_every=1000",
-            "samples=0",
-            *overrides,
-        ],
+        None, tiny_run_overrides(setup, out, *overrides, eval_every=1000, save_every=1000, samples=0)
     )
 
 
@@ -146,7 +127,7 @@ def test_item02_the_guard_blocks_the_update(setup, monkeypatch):
 @pytest.fixture(scope="module")
 def small_gate_workload(tmp_path_factory):
     """The gate's workload (its tiny checkpoint, corpus and step plan), small: a few steps."""
-    return gate.workload(tmp_path_factory.mktemp("gate"), n_examples=200, tokens=4000)
+    return tiny_workload(tmp_path_factory.mktemp("gate"), n_examples=200, tokens=4000)
 
 
 def _fasttune_runner(workload, **kw):

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import fasttune
-from conftest import FIXTURES, TEMPLATES
 from fasttune.errors import TokenizerError
+from helpers import FIXTURES, TEMPLATES
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -16,6 +16,7 @@ from fasttune.data.packing import PackedSampler, TokenizedData, collate
 from fasttune.train import loop as train
 from fasttune.train.checkpoint import find_latest
 from fasttune.train.config import load_config
+from helpers import tiny_run_overrides
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -23,22 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def config(setup, out, *overrides):
     return load_config(
         None,
-        [
-            f"model={setup / 'model'}",
-            f"data.files=[{setup / 'data.jsonl'}]",
-            f"output_dir={out}",
-            "precision=fp32",
-            "device=cpu",
-            "micro_batch_tokens=512",
-            "max_seq_len=512",
-            "data.system_prompt=none",
-            "lr=1e-3",
-            "warmup=0.1",
-            "eval_every=1000",
-            "save_every=1000",
-            "samples=0",
-            *overrides,
-        ],
+        tiny_run_overrides(setup, out, *overrides, warmup=0.1, eval_every=1000, save_every=1000, samples=0),
     )
 
 

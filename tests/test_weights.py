@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fasttune
-from conftest import write_checkpoint
 from fasttune.errors import CheckpointError, ConfigError
 from fasttune.models.weights import parse_size, read_safetensors_header
+from helpers import write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 IDS = torch.tensor([[3, 17, 42, 5, 99, 0, 64, 21, 8]])

@@ -12,13 +12,11 @@ that runs out of memory is recorded by the harness as an error for that shape; t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402  (first: with --smoke it selects Triton's interpreter before triton loads)
-import torch  # noqa: E402
+import harness  # first: with --smoke it selects Triton's interpreter before triton loads
+import torch
 
-from fasttune.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
+from fasttune.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 SMOKE = "--smoke" in sys.argv
 DEVICE = harness.device(SMOKE)

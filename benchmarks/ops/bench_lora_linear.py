@@ -10,14 +10,12 @@ unfused form, on Qwen2.5-0.5B's q_proj (896 -> 896, with bias), gate_proj (896 -
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402  (first: with --smoke it selects Triton's interpreter before triton loads)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import harness  # first: with --smoke it selects Triton's interpreter before triton loads
+import torch
+import torch.nn.functional as F
 
-from fasttune.ops.lora_linear import lora_linear, lora_linear_ref  # noqa: E402
+from fasttune.ops.lora_linear import lora_linear, lora_linear_ref
 
 SMOKE = "--smoke" in sys.argv
 DEVICE = harness.device(SMOKE)

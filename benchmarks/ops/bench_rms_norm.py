@@ -8,13 +8,11 @@ Qwen2.5-0.5B's hidden size (H = 896) in bf16; then the same with the residual ad
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402  (first: with --smoke it selects Triton's interpreter before triton loads)
-import torch  # noqa: E402
+import harness  # first: with --smoke it selects Triton's interpreter before triton loads
+import torch
 
-from fasttune.ops.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from fasttune.ops.rms_norm import rms_norm, rms_norm_ref
 
 EPS = 1e-6
 SMOKE = "--smoke" in sys.argv

@@ -20,14 +20,12 @@ memory traffic. The "clone" row times exactly those copies, to subtract by eye; 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402  (first: with --smoke it selects Triton's interpreter before triton loads)
-import torch  # noqa: E402
+import harness  # first: with --smoke it selects Triton's interpreter before triton loads
+import torch
 
-from fasttune.models.model import rope_cos_sin  # noqa: E402
-from fasttune.ops.rope import rope, rope_ref  # noqa: E402
+from fasttune.models.model import rope_cos_sin
+from fasttune.ops.rope import rope, rope_ref
 
 SMOKE = "--smoke" in sys.argv
 DEVICE = harness.device(SMOKE)

@@ -8,13 +8,11 @@ torch.compile and Liger-Kernel, at Qwen2.5-0.5B's intermediate size (I = 4864) i
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402  (first: with --smoke it selects Triton's interpreter before triton loads)
-import torch  # noqa: E402
+import harness  # first: with --smoke it selects Triton's interpreter before triton loads
+import torch
 
-from fasttune.ops.swiglu import swiglu, swiglu_ref  # noqa: E402
+from fasttune.ops.swiglu import swiglu, swiglu_ref
 
 SMOKE = "--smoke" in sys.argv
 DEVICE = harness.device(SMOKE)

@@ -3,7 +3,8 @@
 On a GPU: for each shape and each variant (fasttune's Triton op, PyTorch eager, `torch.compile` of the
 reference, Liger-Kernel where installed), median milliseconds of forward, backward and both, from
 `triton.testing.do_bench` (warm-up and repetitions included, CUDA-synchronised), and the peak memory a
-forward + backward allocates above its inputs. All variants run in one process on the same inputs; the
+forward + backward allocates above its inputs: `fasttune.ops.timing.time_op`, the op-timing harness
+`fasttune profile --op` uses too. All variants run in one process on the same inputs; the
 JSON records ratios to eager and to compiled, and is stamped with the GPU, versions and commit.
 
 `--smoke` runs every variant once on tiny CPU shapes (Triton through its interpreter) and measures
@@ -22,15 +23,16 @@ if "--smoke" in sys.argv:
 
 import argparse
 import json
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from fasttune.bench.report import stamp
+from fasttune.ops.timing import run_once, time_op
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 @dataclass
@@ -41,66 +43,13 @@ class Case:
     make: Callable[[], list[torch.Tensor]]
 
 
-def stamp() -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke: nothing measured)"
-    return {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d"),
-        "python": sys.version.split()[0],
-    }
-
-
-def _outputs(out) -> list[torch.Tensor]:
-    outs = out if isinstance(out, tuple | list) else [out]
-    return [o for o in outs if torch.is_tensor(o) and o.requires_grad]
-
-
-def _backward(outs: list[torch.Tensor], grads: list[torch.Tensor], retain: bool) -> None:
-    torch.autograd.backward(outs, grads, retain_graph=retain)
-
-
 def measure(fn: Callable, inputs: list[torch.Tensor], smoke: bool) -> dict:
-    leaves = [t for t in inputs if t.requires_grad]
-    out = fn(*inputs)
-    outs = _outputs(out)
-    grads = [torch.randn_like(o) for o in outs]
+    """One variant on one case: with --smoke one forward and backward, nothing timed; on a GPU fasttune's
+    op-timing harness (the one `fasttune profile --op` uses), with the backward alone and peak memory."""
     if smoke:
-        _backward(outs, grads, retain=False)
+        run_once(fn, inputs)
         return {"ran": True}
-    from triton.testing import do_bench
-
-    def zero():
-        for t in leaves:
-            t.grad = None
-
-    fwd = do_bench(lambda: fn(*inputs), grad_to_none=leaves)
-    bwd = do_bench(lambda: _backward(outs, grads, retain=True), grad_to_none=leaves) if outs else None
-
-    def both():
-        o = _outputs(fn(*inputs))
-        _backward(o, grads, retain=False)
-
-    total = do_bench(both, grad_to_none=leaves) if outs else None
-    out = outs = None  # free the retained graph before measuring memory
-    zero()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    both() if grads else fn(*inputs)
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {"forward_ms": fwd, "backward_ms": bwd, "forward_backward_ms": total, "peak_extra_mib": peak}
+    return time_op(fn, inputs, cuda=True, backward=True, memory=True)
 
 
 def run(
@@ -116,6 +65,8 @@ def run(
             f"bench {op}: no CUDA device; these timings need a GPU (use --smoke to check the script)"
         )
     results = {"op": op, **stamp(), "cases": {}}
+    if results["gpu"] == "cpu":  # only --smoke runs without CUDA
+        results["gpu"] = "cpu (smoke: nothing measured)"
     for case in cases:
         row = {}
         for name, fn in variants.items():
@@ -148,10 +99,7 @@ def run(
             flush=True,
         )
     if not args.smoke:
-        out = (
-            args.out
-            or ROOT / "benchmarks" / "results" / results["gpu"].replace(" ", "_") / "ops" / f"{op}.json"
-        )
+        out = args.out or RESULTS / results["gpu"].replace(" ", "_") / "ops" / f"{op}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")

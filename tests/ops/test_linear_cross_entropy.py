@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import assert_fp64_close, hf_model
 from fasttune.ops.linear_cross_entropy import (
     _auto_chunk_size,
     linear_cross_entropy,
     linear_cross_entropy_ref,
 )
+from helpers import assert_fp64_close, hf_model
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QWEN_V, QWEN_H = 151_936, 896

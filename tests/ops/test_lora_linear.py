@@ -9,7 +9,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import assert_fp64_close, dot_dtype_skip
 from fasttune.models.lora import LoraLinear
 from fasttune.ops import interpreting
 from fasttune.ops.lora_linear import (
@@ -19,6 +18,7 @@ from fasttune.ops.lora_linear import (
     lora_linear,
     lora_linear_ref,
 )
+from helpers import assert_fp64_close, dot_dtype_skip
 
 # Where the kernels run: the CPU under Triton's interpreter (set by conftest where there is no GPU), else
 # CUDA. On a GPU machine the same tests then run on the GPU, bf16 included.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_fp64_close
 from fasttune.ops.rms_norm import rms_norm, rms_norm_ref
+from helpers import assert_fp64_close
 
 EPS = 1e-6
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_fp64_close
 from fasttune.models.model import ModelConfig, rope_inv_freq
 from fasttune.ops import interpreting
 from fasttune.ops.rope import rope, rope_ref
+from helpers import assert_fp64_close
 
 # On a GPU machine (no interpreter) the same tests run on CUDA, which is where the bf16 rounding, NaN and
 # cos/sin paths meet the real hardware.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_fp64_close
 from fasttune.ops.swiglu import swiglu, swiglu_ref
+from helpers import assert_fp64_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Small odd; non-power-of-two widths; Qwen2.5-0.5B's I = 4864 with 64 tokens; a packed [1, T, I] batch.

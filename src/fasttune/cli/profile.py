@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 
@@ -46,14 +45,6 @@ def command(args) -> int:
         logger.setLevel(level)
 
 
-def _check_op(name: str) -> None:
-    """Checked here, before Triton's interpreter may start a second process for an op that does not exist."""
-    if name not in OPS:
-        close = difflib.get_close_matches(name, OPS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise FasttuneError(f"profile --op: unknown op '{name}'{hint} (ops: {', '.join(OPS)})")
-
-
 def _shapes(given: list[str] | None) -> list[tuple[int, ...]] | None:
     if not given:
         return None
@@ -67,9 +58,10 @@ def _profile_op(args) -> int:
     if args.config is not None or args.overrides:
         raise FasttuneError("profile --op times one op: it takes no config or overrides")
     shapes = _shapes(args.shape)
-    _check_op(args.op)
     from fasttune.profiling.interpreter import interpreter_for_cpu
-    from fasttune.profiling.profile import print_op_table, profile_op
+    from fasttune.profiling.op import check_op, print_op_table, profile_op
+
+    check_op(args.op)  # before Triton's interpreter may start a second process for an op that does not exist
 
     args.device = device_or_none(args.device)  # None: the library's choice, cuda when available
     rerun = interpreter_for_cpu(args)

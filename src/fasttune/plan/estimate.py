@@ -12,7 +12,7 @@ attention) with activation checkpointing; tokens per epoch from --dataset-tokens
 an MFU. No GPU measurement exists in this repository yet, so the default MFU is an assumption (see
 ASSUMED_MFU), labelled as such; `--mfu` overrides it, and a measured value is used when one is found.
 
-Measured MFU: any JSON file under benchmarks/results/ (or --results DIR) with a top-level list
+Measured MFU: any JSON file under --results DIR (none by default: see RESULTS) with a top-level list
 "mfu_measurements" of records {"gpu": str (as torch.cuda.get_device_name), "method": full|lora|qlora,
 "mfu": float in (0, 1]} and optionally "model" (a shape name or folder name), "activation_checkpointing",
 "compile", "micro_batch_tokens", "commit", "date" (ISO). The record for the same GPU and method that also
@@ -38,9 +38,15 @@ from fasttune.plan.tables import GPU, GPUS, SHAPES
 # Megatron-Turing NLG 30.2%, PaLM 46.2%); 35% is taken for full and LoRA fine-tuning with fused kernels.
 # QLoRA dequantises every weight twice per micro-batch and runs its base GEMMs unfused: 25%, a guess.
 ASSUMED_MFU = {"full": 0.35, "lora": 0.35, "qlora": 0.25}
-MFU_SOURCE = "assumed: the PaLM paper (Table 3) reports 21-46% for large-scale training; nothing measured yet"
+MFU_SOURCE = (
+    "assumed: the PaLM paper (Table 3) reports 21-46% for large-scale training; no measured MFU "
+    "(none is shipped; --results DIR names a folder of measurements)"
+)
 FIT_SHARE = 0.95
-RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+# Where measured MFUs are looked for by default: nowhere. The package ships no measurements (none exist
+# yet), and a source checkout's benchmarks/ is absent from an installed wheel, so a default pointing into
+# it would plan differently by how fasttune was installed; `--results DIR` names a folder of them.
+RESULTS: Path | None = None
 
 
 def resolve_model(model: str) -> tuple[ModelConfig, str]:

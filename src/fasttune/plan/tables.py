@@ -5,7 +5,7 @@ Shapes are the architecture fields of each model's public config.json on the Hug
 max_position_embeddings of the instruct variants) are left out. Checked against copies of those files:
 Qwen2.5-0.5B against tests/fixtures/qwen2.5-0.5b-instruct/config.json; Qwen2.5-3B/7B/14B, Qwen3-4B/8B and
 Llama-3.1-8B against the copies in github.com/citsjtu2020/LLM-Prof (sglang/Model_Config.md); Qwen2.5-1.5B
-and Qwen3-0.6B as in benchmarks/e2e/bench.py; Qwen3-1.7B against a copy in a test of a public
+and Qwen3-0.6B from their published config.json files; Qwen3-1.7B against a copy in a test of a public
 repository (a Qwen3-1.7B config with H 2048, I 6144, 28 layers, 16/8 heads, head_dim 128, tied);
 Mistral-7B-v0.1 against github.com/sumitdotml/transformers (mistral-7b-v0.1/README.md).
 

@@ -222,19 +222,19 @@ def run_fasttune(
     import tempfile
 
     from fasttune.models.tokenizer import load_tokenizer
-    from fasttune.train import loop as train
+    from fasttune.train import loop, setup
     from fasttune.train import step as one_step
     from fasttune.train.distributed import SINGLE
 
     device = torch.device(device)
     cfg = fasttune_config(model_dir, dtype, kernels, compile, lora, lr, device, len(plan.steps))
     with tempfile.TemporaryDirectory() as out:  # build_parallel's run folder: unused for a model folder
-        par = train.build_parallel(cfg, load_tokenizer(model_dir), device, Path(out), SINGLE)
+        par = setup.build_parallel(cfg, load_tokenizer(model_dir), device, Path(out), SINGLE)
     model = par.model
     model.train()
-    optimizer, scheduler = train.build_optimizer(cfg, model, device, len(plan.steps))
+    optimizer, scheduler = setup.build_optimizer(cfg, model, device, len(plan.steps))
     params = [p for p in model.parameters() if p.requires_grad]
-    name = "fasttune" + ("_lora" if lora else "") + f"_{model.kernels}" + ("_compile" if compile else "")
+    name = "fasttune" + ("_lora" if lora else "") + f"_{model.info.kernels}" + ("_compile" if compile else "")
 
     def step(i):
         idx = plan.steps[i]
@@ -257,7 +257,7 @@ def run_fasttune(
             device=device,
         )
         if not r.finite:
-            raise train.NonFiniteError(
+            raise loop.NonFiniteError(
                 f"{name}: step {i + 1}: non-finite loss {r.loss}, gradient norm {r.grad_norm}; "
                 "stopped before the optimizer step"
             )
