@@ -1,7 +1,7 @@
-"""`fasttune export`: hf / peft / merged folders that transformers and peft load with the same logits, and
-GGUF files that the gguf package reads back with every tensor exact (f32, f16, bf16) or within Q8_0's
-error bound, with the metadata llama.cpp needs. When llama-cpp-python is installed, llama.cpp itself loads
-the files and its tokens and logits are compared with ours (tests/test_export_llamacpp.py)."""
+"""`fasttune export --format gguf`: GGUF files that the gguf package reads back with every tensor exact
+(f32, f16, bf16) or within Q8_0's error bound, with the metadata llama.cpp needs. The hf / peft / merged
+folders are tests/test_export_folders.py's; when llama-cpp-python is installed, llama.cpp itself loads the
+files and its tokens and logits are compared with ours (tests/test_export_llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from fasttune.cli.main import main as cli_main
-from fasttune.data import synth
+from export_helpers import (
+    FAMILIES,
+    FAMILY_PRE,
+    Q8_SHAPES,
+    T,
+    dequantized,
+    expected_tensors,
+    gguf,
+    make_checkpoint,
+    needs_gguf,
+    read_gguf,
+    small_tokenizer,
+)
 from fasttune.errors import FasttuneError, TokenizerError
 from fasttune.export.formats import export
-from fasttune.models import builtin
-from fasttune.models.lora import LoraConfig, apply_lora, save_adapter
-from fasttune.models.model import rope_inv_freq
-from fasttune.models.tokenizer import BUILTIN_DIR, Tokenizer, load_tokenizer
-from fasttune.models.weights import load_model
-from helpers import FAMILIES as FAMILIES_CFG
-from helpers import hf_model
-
-try:
-    import gguf
-except ImportError:  # an optional dependency: the GGUF tests skip, the hf/peft/merged ones still run
-    gguf = None
-needs_gguf = pytest.mark.skipif(gguf is None, reason="the gguf package is not installed (pip install gguf)")
-from fasttune.export.gguf import (  # noqa: E402
+from fasttune.export.gguf import (
     _LLAMA3_REGEX,
     _QWEN2_REGEX,
     gguf_tensor_name,
@@ -37,98 +35,11 @@ from fasttune.export.gguf import (  # noqa: E402
     llama3_rope_factors,
     pre_tokenizer_name,
 )
-
-T = gguf.GGMLQuantizationType if gguf is not None else None
-IDS = torch.tensor([[3, 17, 42, 5, 99, 23, 8, 61, 7, 30, 2, 11]])
-
-# Shapes for Q8_0: every weight row (the input dim) a multiple of Q8_0's block of 32. Head layouts kept
-# from helpers' FAMILIES: GQA, an untied head, Qwen3's explicit head_dim (24, not H / n_q = 16).
-Q8_SHAPES = {
-    "qwen2_tied": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2_untied": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1),
-    "qwen3": dict(
-        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24
-    ),
-    "llama": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
-}
-FAMILIES = list(Q8_SHAPES)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def small_tokenizer(pre: str) -> Tokenizer:
-    """A byte-level BPE of 400 tokens trained on the synthetic corpus, with ChatML's special tokens and the
-    Qwen2.5 chat template, split by the pre-tokenizer of `pre`: "qwen2" or "llama-bpe" (their regexes),
-    or "gpt-2" (fasttune's built-in BPE: a plain ByteLevel pre-tokenizer)."""
-    texts = [r[k] for r in synth.generate(300, seed=1) for k in ("input", "output")]
-    texts += ["12345 6789, it's"] * 200  # digits, so that the pre-tokenizers' digit rules show
-    tok = builtin.train_tokenizer(texts, vocab_size=400)
-    if pre == "gpt-2":
-        return tok
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tk = HFTokenizer(models.BPE())
-    regex = {"qwen2": _QWEN2_REGEX, "llama-bpe": _LLAMA3_REGEX}[pre]
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=builtin.SPECIAL_TOKENS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(texts, trainer)
-    return Tokenizer(tk, tok.config, source=f"small {pre} BPE")
-
-
-FAMILY_PRE = {"qwen2_tied": "gpt-2", "qwen2_untied": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
-
-
-def make_checkpoint(path, family: str, dtype=torch.float32, q8_shapes: bool = True, seed: int = 0, **config):
-    """A random transformers checkpoint of `family` (config fields overridden by `config`) with a small
-    tokenizer saved beside it; returns the fp32 transformers model and the tokenizer."""
-    tok = small_tokenizer(FAMILY_PRE[family])
-    overrides = dict(Q8_SHAPES[family]) if q8_shapes else {}
-    model = hf_model(family, seed, vocab_size=tok.vocab_size, **{**overrides, **config})
-    model.to(dtype).save_pretrained(path)
-    tok.save(path)
-    return model.float(), tok
-
-
-def read_gguf(path):
-    """{name: field contents} and {name: ReaderTensor}."""
-    r = gguf.GGUFReader(path)
-    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    return fields, {t.name: t for t in r.tensors}
-
-
-def expected_tensors(model, arch: str) -> dict[str, torch.Tensor]:
-    """GGUF name -> the fp32 source tensor as llama.cpp must receive it (Llama's q/k rows interleaved)."""
-    cfg = model.config
-    out = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = t.detach().float()
-        if arch == "llama" and ".q_proj." in name:
-            t = interleave_rope_rows(t, cfg.num_attention_heads)
-        if arch == "llama" and ".k_proj." in name:
-            t = interleave_rope_rows(t, cfg.num_key_value_heads)
-        out[gguf_tensor_name(name)] = t
-    return out
-
-
-def dequantized(t) -> np.ndarray:
-    return gguf.quants.dequantize(t.data, t.tensor_type)
-
+from fasttune.models.model import rope_inv_freq
+from fasttune.models.tokenizer import BUILTIN_DIR, load_tokenizer
+from fasttune.models.weights import load_model
+from helpers import FAMILIES as FAMILIES_CFG
+from helpers import hf_model
 
 # ----------------------------------------------------------------------------------------------------------
 # GGUF: the real Qwen2.5 tokenizer on a tiny Qwen2 with Qwen2.5's padded vocabulary (151,936 > 151,665)
@@ -466,142 +377,3 @@ def test_gguf_errors_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(FasttuneError, match=r"pip install 'fasttune\[gguf\]'"):
         export(tmp_path / "short", tmp_path / "m.gguf", "gguf")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
-
-
-# ----------------------------------------------------------------------------------------------------------
-# hf / peft / merged
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """A base checkpoint and an adapter folder as `fasttune run` leaves one (PEFT format, the tokenizer
-    beside it), with B random so that the adapter changes the logits; and our logits with the adapter."""
-    root = tmp_path_factory.mktemp("lora")
-    base = root / "base"
-    make_checkpoint(base, "qwen2_untied")
-    model = load_model(base)
-    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    run = root / "run"
-    save_adapter(model, run / "adapter", base_model_path=str(base.resolve()))
-    load_tokenizer(base).save(run / "adapter")
-    model.eval()
-    with torch.no_grad():
-        logits = model.logits(IDS)
-    return dict(root=root, base=base, run=run, adapter=run / "adapter", logits=logits, model=model)
-
-
-def hf_logits(path):
-    import transformers
-
-    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return m(IDS).logits
-
-
-def test_export_hf_round_trip(tmp_path):
-    ref, _ = make_checkpoint(tmp_path / "src", "llama")
-    out = export(tmp_path / "src", tmp_path / "hf", "hf")
-    with torch.no_grad():
-        torch.testing.assert_close(hf_logits(out), ref(IDS).logits, rtol=1e-5, atol=1e-5)
-    assert load_tokenizer(out).chat_template  # the tokenizer and template travel with it
-    # --dtype casts; bf16 then loads as bf16.
-    out16 = export(tmp_path / "src", tmp_path / "hf16", "hf", dtype="bf16")
-    assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
-    assert load_model(out16).lm_head.weight.dtype == torch.bfloat16
-
-
-def test_export_peft_round_trip(tmp_path, lora_run):
-    import peft
-    import transformers
-
-    out = export(lora_run["base"], tmp_path / "peft", "peft", adapter=lora_run["adapter"])
-    assert (out / "tokenizer.json").exists()
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(lora_run["base"].resolve())
-    base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["base"], dtype=torch.float32)
-    theirs = peft.PeftModel.from_pretrained(base, out).eval()
-    with torch.no_grad():
-        got = theirs(IDS).logits
-    torch.testing.assert_close(got, lora_run["logits"], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, hf_logits(lora_run["base"]), atol=1e-3)  # the adapter does something
-
-
-def test_export_merged_round_trip(tmp_path, lora_run):
-    out = export(lora_run["adapter"], tmp_path / "merged", "merged")  # the adapter folder names its base
-    assert not (out / "adapter_config.json").exists()
-    torch.testing.assert_close(hf_logits(out), lora_run["logits"], rtol=1e-5, atol=1e-5)
-
-
-@needs_gguf
-def test_export_gguf_merges_the_adapter(tmp_path, lora_run):
-    """From a run folder: base + adapter merged in fp32, then written; the GGUF tensors are the merged
-    weights (f32 here: exactly)."""
-    out = export(lora_run["run"], tmp_path / "m.gguf", "gguf", quant="f32")
-    fields, tensors = read_gguf(out)
-    assert fields["general.name"] == "adapter"
-    merged = load_model(lora_run["base"])
-    from fasttune.models.lora import load_adapter, merge_lora
-
-    load_adapter(merged, lora_run["adapter"])
-    merge_lora(merged)
-    for name, src in expected_tensors(merged, "qwen2").items():
-        assert np.array_equal(tensors[name].data.reshape(src.shape), src.numpy()), name
-    q = tensors["blk.0.attn_q.weight"].data
-    assert not np.array_equal(
-        q, load_model(lora_run["base"]).model.layers[0].self_attn.q_proj.weight.detach().numpy()
-    )
-
-
-@needs_gguf
-def test_export_refuses_to_overwrite_and_checks_arguments(tmp_path, lora_run):
-    make_checkpoint(tmp_path / "src", "qwen2_untied")
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "keep.txt").write_text("x")
-    with pytest.raises(FasttuneError, match="already exists"):
-        export(tmp_path / "src", tmp_path / "taken", "hf")
-    assert (tmp_path / "taken" / "keep.txt").exists()
-    out = export(tmp_path / "src", tmp_path / "taken", "hf", force=True)  # replaced whole
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
-    (tmp_path / "x.gguf").write_text("old")
-    with pytest.raises(FasttuneError, match="already exists"):
-        export(tmp_path / "src", tmp_path / "x.gguf", "gguf")
-    export(tmp_path / "src", tmp_path / "x.gguf", "gguf", force=True)
-    assert gguf.GGUFReader(tmp_path / "x.gguf").tensors
-    with pytest.raises(FasttuneError, match="may not be the source folder"):
-        export(tmp_path / "src", tmp_path / "src", "hf", force=True)
-    with pytest.raises(FasttuneError, match="may not be the source folder"):
-        export(tmp_path / "src", tmp_path, "hf", force=True)  # a folder holding the source
-    with pytest.raises(FasttuneError, match="needs an adapter"):
-        export(tmp_path / "src", tmp_path / "p", "peft")
-    with pytest.raises(FasttuneError, match="use --format merged"):
-        export(lora_run["adapter"], tmp_path / "p", "hf")
-    with pytest.raises(FasttuneError, match="--quant applies to the gguf format"):
-        export(tmp_path / "src", tmp_path / "p", "hf", quant="q8_0")
-    with pytest.raises(FasttuneError, match="--dtype applies to the hf and merged"):
-        export(tmp_path / "src", tmp_path / "p.gguf", "gguf", dtype="bf16")
-    adapter_cfg = json.loads((lora_run["adapter"] / "adapter_config.json").read_text())
-    (tmp_path / "ad").mkdir()
-    (tmp_path / "ad" / "adapter_config.json").write_text(
-        json.dumps({**adapter_cfg, "base_model_name_or_path": "Qwen/Qwen2.5-0.5B"})
-    )
-    with pytest.raises(FasttuneError, match="base_model_name_or_path='Qwen/Qwen2.5-0.5B' is not a local"):
-        export(tmp_path / "ad", tmp_path / "p", "merged")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
-
-
-@needs_gguf
-def test_cli_export(tmp_path, capsys):
-    make_checkpoint(tmp_path / "src", "qwen3")
-    out = tmp_path / "q.gguf"
-    args = ["export", "--model", str(tmp_path / "src"), "--format", "gguf", "--out", str(out)]
-    assert cli_main([*args, "--quant", "q8_0", "--name", "tiny"]) == 0
-    assert f"wrote {out} (gguf, q8_0" in capsys.readouterr().out
-    fields, _ = read_gguf(out)
-    assert fields["general.name"] == "tiny" and fields["general.architecture"] == "qwen3"
-    assert cli_main(args) == 2
-    assert f"fasttune: error: {out}: already exists (use --force" in capsys.readouterr().err
