@@ -14,6 +14,7 @@ import fasttune.profiling.profile as prof
 from fasttune import regions as marks
 from fasttune.cli.main import main
 from fasttune.errors import FasttuneError
+from fasttune.models.weights import load_model
 from fasttune.train import loop as train
 from fasttune.train.config import load_config
 
@@ -114,7 +115,7 @@ def test_print_report_is_a_table(profiled, capsys):
 def test_regions_are_off_outside_profiling(setup, profiled, tmp_path, monkeypatch):
     assert marks.REGIONS_ON is False
     assert isinstance(marks.region("attention"), contextlib.nullcontext)
-    model = train.load_model(setup / "model", dtype=torch.float32)
+    model = load_model(setup / "model", dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
         model.loss(ids, ids).backward()

@@ -108,7 +108,7 @@ def reapply_hyperparameters(cfg: RunConfig, optimizer, scheduler) -> None:
     """After a resume with changed (allowed) or extended settings: the checkpoint restored the saved lr,
     weight decay, betas and eps into the optimizer; the run goes on with the new config's, at the lr the
     new schedule gives at the resumed step (LambdaLR's lr = base lr x factor(step), the factor built from
-    the new config by train.build_optimizer)."""
+    the new config by train/setup.py's build_optimizer)."""
     scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
     for i, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True)):
         group.update(initial_lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

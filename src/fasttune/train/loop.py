@@ -206,23 +206,30 @@ def run(
             distributed.shutdown()
 
 
+@dataclass
+class _Progress:
+    """What a checkpoint saves of the loop besides model, optimizer, scheduler and sampler."""
+
+    step: int = 0
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations in a row without a better validation loss (early stopping)
+    skips: int = 0  # non-finite steps skipped so far
+
+
 def _run(
     cfg: RunConfig, resume: bool, on_step, out: Path, device: torch.device, env: Dist, folder
 ) -> RunResult:
-    reapply = folder.reapply
     torch.manual_seed(cfg.seed)
     tokenizer, data = _prepare_inputs(cfg, out, env)
     par = build_parallel(cfg, tokenizer, device, out, env)
     model = par.model
     model.train()
-
     train = data["train"]
-    W = env.world_size
     layout = distributed.split_global_batch(
         cfg.tokens_per_step,
         cfg.micro_batch_tokens,
         cfg.data.max_seq_len,
-        W,
+        env.world_size,
         run_folder.saved_budget(out, cfg) if resume else None,
     )
     if env.is_main and layout.budget != cfg.micro_batch_tokens:
@@ -234,37 +241,23 @@ def _run(
     trainable = [p for p in model.parameters() if p.requires_grad]
     fpt = flops_per_token(model, float(train.lengths.mean()), lora=cfg.method != "full")
     peak = peak_flops(device)
-
-    step, best_val, bad_evals, skips, result = 0, math.inf, 0, 0, RunResult(out, 0, "done")
     metrics = (
         MetricsLog(out, total_steps, cfg.log_every, cfg.tensorboard, resume=resume)
         if env.is_main
         else (_NoMetrics())
     )
+    state, result = _Progress(), RunResult(out, 0, "done")
     if resume:
-        ckpt, why = find_latest(out)
-        if ckpt is None:
-            raise FasttuneError(f"--resume: {why}")
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, dist=env)
-        # a changed config (allowed or an extension) goes on from here with its own hyperparameters; a new
-        # seed continues at the saved position, in the new seed's order of bins
-        sampler.load_state_dict({**meta["sampler"], "seed": cfg.seed} if reapply else meta["sampler"])
-        if reapply:
-            config_diff.reapply_hyperparameters(cfg, optimizer, scheduler)
-        step, best_val, bad_evals, skips = meta["step"], meta["best_val"], meta["bad_evals"], meta["skips"]
-        folder.start()  # the checkpoint loaded: only now is anything in the folder rewritten
-        metrics.drop_after(step)
-        if env.is_main:
-            print(f"resuming from {why}, step {step}", flush=True)
-    last_saved = step if resume else None
+        _resume(cfg, out, env, folder, state, model, optimizer, scheduler, sampler, metrics)
+    last_saved = state.step if resume else None
 
     def save() -> Path:
         nonlocal last_saved
-        meta = {"best_val": best_val, "bad_evals": bad_evals, "skips": skips, "config": cfg.to_dict()}
-        meta["micro_batch_budget"] = budget  # a resume packs the same bins (run_folder.saved_budget)
+        meta = {"best_val": state.best_val, "bad_evals": state.bad_evals, "skips": state.skips}
+        meta |= {"config": cfg.to_dict(), "micro_batch_budget": budget}  # a resume packs the same bins
         path = save_checkpoint(
             out,
-            step,
+            state.step,
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
@@ -273,13 +266,13 @@ def _run(
             keep=cfg.keep_checkpoints,
             dist=env,
         )
-        last_saved = step
+        last_saved = state.step
         return path
 
     batches = _micro_batches(sampler)
     stop_signal = None
     with _StopFlag() as stop:
-        while step < total_steps:
+        while state.step < total_steps:
             t0 = time.perf_counter()
             bins = [next(batches) for _ in range(per_step)]
             micro, n_targets, tokens = one_step.step_batches(train, bins, budget, env, device)
@@ -299,63 +292,35 @@ def _run(
             )
             if r.stop:
                 stop_signal = stop.signal or "a signal on another rank"
-            step_loss, grad_norm = r.loss, r.grad_norm
-            step += 1
-            if not r.finite:  # train_step made no update; skipping or stopping is the run's policy
-                what = f"loss {step_loss}, gradient norm {grad_norm}"
-                if skips < cfg.nonfinite_skips:
-                    skips += 1
-                    log.warning(
-                        "step %d: non-finite %s; step skipped (%d of %d allowed)",
-                        step,
-                        what,
-                        skips,
-                        cfg.nonfinite_skips,
-                    )
-                    continue
-                metrics.close()
-                raise NonFiniteError(
-                    f"step {step}: non-finite {what}; stopped before the optimizer step. "
-                    + resume_advice(out, env)
-                )
-            record = r.record(step, time.perf_counter() - t0, fpt, peak, W, device)
-            result.losses.append(step_loss)
-            if step % cfg.eval_every == 0 or step == total_steps:
-                val = evaluate(model, data["val"], cfg, device, env, par)
-                if val is not None:
-                    record.update(val_loss=val, val_ppl=math.exp(min(val, 50)))
-                    result.val_loss = val
-                    if val < best_val:
-                        best_val, bad_evals = val, 0
-                    else:
-                        bad_evals += 1
+            state.step += 1
+            if not r.finite and _skip_or_stop(cfg, state, r, out, env, metrics):
+                continue  # train_step made no update; skipping (or stopping) is the run's policy
+            record = r.record(state.step, time.perf_counter() - t0, fpt, peak, env.world_size, device)
+            result.losses.append(r.loss)
+            if state.step % cfg.eval_every == 0 or state.step == total_steps:
+                _validate(state, result, record, evaluate(model, data["val"], cfg, device, env, par))
             metrics.step(record)
             if on_step is not None:
-                on_step(step, record)
-            if cfg.early_stopping is not None and bad_evals >= cfg.early_stopping:
+                on_step(state.step, record)
+            if _early_stop(cfg, state):
                 result.stopped = "early_stopping"
-                log.warning(
-                    "early stopping at step %d: %d evaluations without a better validation loss",
-                    step,
-                    bad_evals,
-                )
                 break
             if not env.enabled:  # one process: a signal during this step stops it now
                 stop_signal = stop.signal
             if stop_signal:
                 result.stopped = "signal"
                 break
-            if step % cfg.save_every == 0:
+            if state.step % cfg.save_every == 0:
                 save()
     metrics.close()
-    result.step = step
-    if last_saved != step:
+    result.step = state.step
+    if last_saved != state.step:
         save()
     if result.stopped == "signal":
         if env.is_main:
             print(
-                f"\nstopped by {stop_signal} after step {step}; checkpoint "
-                f"{out / 'checkpoints'}/step-{step:08d}. Resume with the same command and --resume.",
+                f"\nstopped by {stop_signal} after step {state.step}; checkpoint "
+                f"{out / 'checkpoints'}/step-{state.step:08d}. Resume with the same command and --resume.",
                 flush=True,
             )
         return result
@@ -364,6 +329,70 @@ def _run(
     if env.is_main:
         _finish(cfg, final, tokenizer, data, next(final.parameters()).device, out, result)
     return result
+
+
+def _resume(
+    cfg, out: Path, env: Dist, folder, state: _Progress, model, optimizer, scheduler, sampler, metrics
+):
+    """Load the newest complete checkpoint into the model, optimizer, scheduler, sampler and `state`."""
+    ckpt, why = find_latest(out)
+    if ckpt is None:
+        raise FasttuneError(f"--resume: {why}")
+    meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, dist=env)
+    # a changed config (allowed or an extension) goes on from here with its own hyperparameters; a new
+    # seed continues at the saved position, in the new seed's order of bins
+    reapply = folder.reapply
+    sampler.load_state_dict({**meta["sampler"], "seed": cfg.seed} if reapply else meta["sampler"])
+    if reapply:
+        config_diff.reapply_hyperparameters(cfg, optimizer, scheduler)
+    state.step, state.best_val, state.bad_evals = meta["step"], meta["best_val"], meta["bad_evals"]
+    state.skips = meta["skips"]
+    folder.start()  # the checkpoint loaded: only now is anything in the folder rewritten
+    metrics.drop_after(state.step)
+    if env.is_main:
+        print(f"resuming from {why}, step {state.step}", flush=True)
+
+
+def _skip_or_stop(cfg: RunConfig, state: _Progress, r, out: Path, env: Dist, metrics) -> bool:
+    """A non-finite step: True to skip it (up to `nonfinite_skips` in a run), else NonFiniteError."""
+    what = f"loss {r.loss}, gradient norm {r.grad_norm}"
+    if state.skips < cfg.nonfinite_skips:
+        state.skips += 1
+        log.warning(
+            "step %d: non-finite %s; step skipped (%d of %d allowed)",
+            state.step,
+            what,
+            state.skips,
+            cfg.nonfinite_skips,
+        )
+        return True
+    metrics.close()
+    raise NonFiniteError(
+        f"step {state.step}: non-finite {what}; stopped before the optimizer step. " + resume_advice(out, env)
+    )
+
+
+def _validate(state: _Progress, result: RunResult, record: dict, val: float | None) -> None:
+    """The validation loss into the step's record and the early-stopping count."""
+    if val is None:
+        return
+    record.update(val_loss=val, val_ppl=math.exp(min(val, 50)))
+    result.val_loss = val
+    if val < state.best_val:
+        state.best_val, state.bad_evals = val, 0
+    else:
+        state.bad_evals += 1
+
+
+def _early_stop(cfg: RunConfig, state: _Progress) -> bool:
+    if cfg.early_stopping is None or state.bad_evals < cfg.early_stopping:
+        return False
+    log.warning(
+        "early stopping at step %d: %d evaluations without a better validation loss",
+        state.step,
+        state.bad_evals,
+    )
+    return True
 
 
 def consolidate(par: Parallel, env: Dist, cfg: RunConfig) -> CausalLM | None:
