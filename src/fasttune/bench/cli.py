@@ -96,12 +96,9 @@ def run(args) -> int:
             f"({', '.join(shapes)})"
         )
     _needs_transformers(args, shapes)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise FasttuneError(f"bench: unknown --device {args.device!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FasttuneError("bench: --device cuda, but there is no CUDA device here; use --device cpu")
+    from fasttune.devices import resolve_device
+
+    device = resolve_device(args.device or "auto", "bench: --device")  # a bad or absent device: one line
     dtype = getattr(torch, args.dtype)
     info = report.stamp()
     if device.type == "cpu":  # measured, unlike the ops harness's smoke runs: CPU timings, labelled as such

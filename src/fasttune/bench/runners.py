@@ -11,7 +11,7 @@ step by step, and measures the same things:
                    installed: the strongest Hugging Face setup available.
   fasttune         the step's examples packed into one row padded to a fixed bucket (static shapes for
                    torch.compile), trained as `fasttune run` trains: the model, optimizer and schedule
-                   from train.py's set-up functions (fp32 master weights, bf16 autocast for bfloat16),
+                   from train/setup.py (fp32 master weights, bf16 autocast for bfloat16),
                    each step through fasttune.train.step.train_step (the non-finite guard included). The
                    variants differ from `fasttune run` only by config (kernels, compile, LoRA).
 """
@@ -215,8 +215,8 @@ def run_fasttune(
     pack: bool = True,
     lr: float = 2e-5,
 ) -> Result:
-    """The variant as `fasttune run` trains it: model, strategy, optimizer and schedule from train.py's
-    set-up functions, every step through `fasttune.train.step.train_step` (autocast, guard and all). A
+    """The variant as `fasttune run` trains it: model, strategy, optimizer and schedule from
+    train/setup.py, every step through `fasttune.train.step.train_step` (autocast, guard and all). A
     non-finite step stops the variant with NonFiniteError, as `fasttune run` with nonfinite_skips=0
     stops."""
     import tempfile

@@ -5,7 +5,7 @@
     evaluate_run(model, tokenizer, data_dir, split="test", max_examples=None, ...) -> report (dict)
     write_report(report, path)                      # JSON, through a temporary file and a rename
 
-`fasttune eval` (eval_cli.py) runs these from the command line and adds the LLM judge (judge.py).
+`fasttune eval` (cli/eval.py) runs these from the command line and adds the LLM judge (judge.py).
 
 The split. `data_dir` is what `fasttune data prepare` (corpus.prepare) writes, `OUT/data` of a run:
 `<split>.jsonl` (the records as read) and `tokenized/<split>/` (token ids, trained-token mask, offsets,

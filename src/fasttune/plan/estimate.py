@@ -3,7 +3,7 @@
     fasttune plan --model qwen2.5-7b --method qlora --gpu rtx4090 --tokens-per-step 16384
     fasttune plan --model path/to/folder --method full --gpu rtx4090 --nproc 8 --strategy fsdp --json
 
-Memory: see fasttune/plan_memory.py, which holds the formulas.
+Memory: see plan/memory.py, which holds the formulas.
 
 Time per epoch: FLOPs per token as `metrics.flops_per_token` counts them (6 N + attention; 4 N for LoRA and
 QLoRA, whose frozen weights need no weight gradient), plus the recomputed forward (2 N + a third of the

@@ -1,6 +1,6 @@
 """The memory model behind `fasttune plan` and `fasttune run --dry-run`: bytes per GPU, by part.
 
-Memory per GPU, by part, following what `train.py` actually allocates for each method and precision:
+Memory per GPU, by part, following what `fasttune run` (train/) allocates for each method and precision:
 
   weights     full, precision bf16: fp32 master weights (4 B) plus the bf16 copies autocast makes of every
               matmul weight, which autograd keeps from the forward to the backward (2 B); bf16-pure: 2 B;

@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 
-import torch
-
+from fasttune.devices import resolve_device
 from fasttune.errors import FasttuneError
 
 
@@ -19,7 +18,7 @@ def interpreter_for_cpu(args) -> int | None:
     command again in a child process that does. Returns the child's exit status, or None to go on here.
 
     `args` are `fasttune profile --op`'s (op, device, and argv, the command line as `cli.main` got it)."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device or "auto", "--device"))
     if not str(device).startswith("cpu"):
         return None
     value = os.environ.get("TRITON_INTERPRET")
