@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from fasttune.data import synth
+from fasttune.data import synth, synth_words
 from fasttune.data.synth import INPUT_TYPES, TEMPLATE_FAMILIES, generate
 from fasttune.data.text_stats import distinct_n, family_balance, normalize_text, repeat_rate
 
@@ -177,10 +177,10 @@ def test_category_prompts_name_a_theme_and_open_prompts_are_generic(corpus):
     seen = set()
     for r in corpus:
         if r["meta_input_type"] == "category":
-            themes = [t for t in synth.THEMES if t in r["input"]]
+            themes = [t for t in synth_words.THEMES if t in r["input"]]
             assert themes, r["input"]
             seen.update(themes)
-    assert seen == set(synth.THEMES), "every theme is asked about somewhere"
+    assert seen == set(synth_words.THEMES), "every theme is asked about somewhere"
     # Open prompts come from a fixed set of phrasings, whatever the saying.
     open_prompts = Counter(r["input"] for r in corpus if r["meta_input_type"] == "open")
     assert 5 <= len(open_prompts) <= 20
